@@ -1,0 +1,397 @@
+"""Patches applied to Hugging Face ``transformers.LlamaForCausalLM`` for the compiler backend.
+
+The installed ``transformers`` modeling code is used as is (no vendored copy). Each patch is a
+named, documented, switchable unit, and all of them are applied to one model *instance*: the
+instance gets its own config copy and its modules get per-instance subclasses, so a stock model in
+the same process stays stock, and :func:`unpatch_llama` restores the instance exactly.
+
+Patches (names as used in ``patches=[...]`` and ``MODELZOO_PATCHES``):
+
+``static_attention``
+    Attention through ``transformers``' attention-function registry (``attn_implementation =
+    "modelzoo_static"``): always an explicit boolean mask of static shape ``[B, 1, S_q, S_kv]``, no
+    data-dependent control flow, GQA by ``repeat_interleave``; what a dataflow compiler can lower.
+``article_attention``
+    With ``token_type_ids`` (or ``article_ids``) given, a packed sequence attends block-diagonally
+    causally within each article and positions restart at every article, so a packed row gives the
+    same per-token logits as its articles run one by one.
+``weighted_loss``
+    ``forward(..., token_type_ids=...)`` returns the loss of the DESIGN.md contract: per-token
+    cross-entropy on ``input_ids`` shifted by one, weighted 1 for completion/separator targets,
+    ``prompt_loss_weight`` for prompt targets, 0 for padding and article-crossing targets,
+    normalised by the weight sum. Per-token losses and weights are returned too.
+``fp32_ln``
+    RMSNorm computed entirely in fp32 (including the weight multiply), cast back once at the end.
+``fp32_logits``
+    The LM head runs in fp32 (input and weight upcast), so logits and loss are fp32.
+``fp32_skip_add``
+    The residual stream is kept in fp32: every skip add happens in fp32; the attention/MLP blocks
+    still run in the model dtype.
+``mixedp_attn``
+    In bf16/fp16 attention, scores are computed in the model dtype and the softmax in fp32, then
+    cast back for the value product.
+
+The precision patches change nothing in fp32 models; the structural ones reproduce stock
+``LlamaForCausalLM`` logits to fp32 rounding (see ``tests/test_patch_parity.py``).
+
+Set ``MODELZOO_PATCHES=none`` to disable every patch (stock HF behaviour), or a comma-separated
+list of names to enable exactly those.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers import AttentionInterface, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+
+from modelzoo.data.token_types import (
+    article_causal_mask,
+    article_ids_from_token_types,
+    loss_weights_from_token_types,
+    positions_from_article_ids,
+)
+from modelzoo.training.loss import weighted_cross_entropy
+
+#: ``transformers`` versions these patches are tested against (lower inclusive, upper exclusive).
+SUPPORTED_TRANSFORMERS = (Version("5.23"), Version("6.0"))
+
+ATTN_IMPLEMENTATION = "modelzoo_static"
+STRUCTURAL_PATCHES = ("static_attention", "article_attention", "weighted_loss")
+PRECISION_PATCHES = ("fp32_ln", "fp32_logits", "fp32_skip_add", "mixedp_attn")
+PATCH_NAMES = STRUCTURAL_PATCHES + PRECISION_PATCHES
+ENV_VAR = "MODELZOO_PATCHES"
+
+
+class UnsupportedTransformersError(RuntimeError):
+    """The installed ``transformers`` is outside the range the patches are tested against."""
+
+
+@dataclass
+class LlamaPatchSettings:
+    """Which patches to apply, and their parameters.
+
+    Structural patches are on by default; precision patches are off by default (they are no-ops in
+    fp32 anyway). ``patches``, when given, is an explicit allow-list that overrides the flags:
+    exactly the named patches are applied (``[]`` = stock model).
+    """
+
+    static_attention: bool = True
+    article_attention: bool = True
+    weighted_loss: bool = True
+    fp32_ln: bool = False
+    fp32_logits: bool = False
+    fp32_skip_add: bool = False
+    mixedp_attn: bool = False
+    prompt_loss_weight: float = 0.0
+    patches: list[str] | None = None
+
+    def enabled(self) -> tuple[str, ...]:
+        """The patch names to apply, after ``patches`` and the ``MODELZOO_PATCHES`` env var."""
+        env = os.environ.get(ENV_VAR)
+        if env is not None:
+            names = [] if env.strip().lower() in ("", "none", "off", "0") else _split(env)
+            source = f"environment variable {ENV_VAR}"
+        elif self.patches is not None:
+            names, source = list(self.patches), "patches"
+        else:
+            return tuple(n for n in PATCH_NAMES if getattr(self, n))
+        unknown = [n for n in names if n not in PATCH_NAMES]
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown patch {', '.join(map(repr, unknown))}; valid: {', '.join(PATCH_NAMES)}"
+            )
+        return tuple(n for n in PATCH_NAMES if n in names)
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> LlamaPatchSettings:
+        """Build from a dict (e.g. a config section), ignoring keys that are not settings."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedTransformersError` outside :data:`SUPPORTED_TRANSFORMERS`."""
+    installed = Version(version or transformers.__version__)
+    low, high = SUPPORTED_TRANSFORMERS
+    if not low <= installed < high:
+        raise UnsupportedTransformersError(
+            f"transformers {installed} is not supported by modelzoo's Llama patches "
+            f"(tested range: >={low},<{high}); install it with: pip install 'transformers>={low},<{high}'"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# static_attention / mixedp_attn: the attention function registered with transformers
+# ----------------------------------------------------------------------------------------------
+
+
+def static_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention with an explicit, static-shape mask.
+
+    Args:
+        query: ``[B, H, S_q, D]``; key/value: ``[B, H_kv, S_kv, D]``.
+        attention_mask: boolean ``[B or 1, 1, S_q, S_kv]`` (True = attend), an additive float mask
+            of that shape, or None for plain causal attention (queries are the last S_q positions).
+    Returns:
+        ``([B, S_q, H, D], None)`` as ``transformers`` attention functions do.
+    """
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = attention_mask[None, None]
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    if getattr(module, "_modelzoo_mixedp_attn", False) and query.dtype in (torch.bfloat16, torch.float16):
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        if attention_mask.dtype == torch.bool:
+            scores = scores.float().masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores.float() + attention_mask
+        probs = torch.softmax(scores, dim=-1).to(query.dtype)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(probs, value)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, static_attention_forward)
+    # Padding masks from generate() etc. are turned into 4D boolean masks the same way as for sdpa.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision patches: per-instance subclasses (same parameters, same state_dict keys)
+# ----------------------------------------------------------------------------------------------
+
+
+class Fp32LlamaRMSNorm(LlamaRMSNorm):
+    """RMSNorm entirely in fp32 (normalisation and weight multiply), one cast back at the end."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.float() * x).to(hidden_states.dtype)
+
+
+class ComputeDtypeLinear(nn.Linear):
+    """A Linear that casts its input (and weight) to ``compute_dtype`` first.
+
+    Used for the LM head: fp32 for ``fp32_logits``; the weight dtype when ``fp32_skip_add`` hands it
+    an fp32 residual stream.
+    """
+
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or self.weight.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+
+class Fp32ResidualLlamaDecoderLayer(LlamaDecoderLayer):
+    """Decoder layer whose residual stream (input, skip adds, output) is fp32.
+
+    The attention and MLP blocks run in the dtype of their weights.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        compute_dtype = self.mlp.down_proj.weight.dtype
+        residual = hidden_states.float()
+        hidden = self.input_layernorm(hidden_states).to(compute_dtype)
+        if position_embeddings is not None:
+            position_embeddings = tuple(t.to(compute_dtype) for t in position_embeddings)
+        hidden, _ = self.self_attn(
+            hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache,
+            position_embeddings=position_embeddings, **kwargs,
+        )
+        residual = residual + hidden.float()
+        hidden = self.post_attention_layernorm(residual).to(compute_dtype)
+        return residual + self.mlp(hidden).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# the patched model class (per instance) and its output
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelzooCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the per-token loss terms.
+
+    token_loss: ``[B, S-1]`` float32 cross-entropy of each next-token target (0 where weight is 0).
+    loss_weight: ``[B, S-1]`` float32 weight of each target.
+    """
+
+    token_loss: torch.Tensor | None = None
+    loss_weight: torch.Tensor | None = None
+
+
+class PatchedLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` whose forward also understands packed data from the HDF5 contract.
+
+    Extra keyword arguments (all optional; without them this is the stock forward):
+        token_type_ids: ``[B, S]`` token types (0 prompt, 1 completion, 2 padding, 3 separator).
+        article_ids: ``[B, S]`` article index per token (derived from token_type_ids if absent).
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                token_type_ids=None, article_ids=None, **kwargs):
+        enabled = self._modelzoo_patches
+        if article_ids is None and token_type_ids is not None:
+            article_ids = article_ids_from_token_types(token_type_ids)
+        if "article_attention" in enabled and article_ids is not None and past_key_values is None:
+            if attention_mask is not None and attention_mask.dim() != 4:
+                article_mask = article_causal_mask(article_ids)
+                padding = attention_mask.to(torch.bool)[:, None, None, :]
+                attention_mask = article_mask & padding
+            elif attention_mask is None:
+                attention_mask = article_causal_mask(article_ids)
+            if position_ids is None:
+                position_ids = positions_from_article_ids(article_ids)
+        weighted = "weighted_loss" in enabled and (token_type_ids is not None or labels is not None)
+        outputs = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            labels=None if weighted else labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        if not weighted:
+            return outputs
+        logits = outputs.logits
+        if token_type_ids is not None:
+            weights = loss_weights_from_token_types(
+                token_type_ids, self._modelzoo_settings.prompt_loss_weight, article_ids
+            )
+            targets = input_ids[:, 1:] if labels is None else labels[:, 1:]
+            if labels is not None:
+                weights = weights * (targets != -100)
+        else:
+            targets = labels[:, 1:]
+            weights = (targets != -100).to(torch.float32)
+        loss, token_loss = weighted_cross_entropy(logits[:, :-1], targets, weights)
+        return ModelzooCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            token_loss=token_loss, loss_weight=weights,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# applying and removing the patches
+# ----------------------------------------------------------------------------------------------
+
+
+def _swap_class(module: nn.Module, new_cls: type, saved: list) -> None:
+    saved.append((module, module.__class__))
+    module.__class__ = new_cls
+
+
+def _own_config(model: LlamaForCausalLM) -> None:
+    """Give the instance its own config object (submodules share the model's), so changing the
+    attention implementation never reaches another model built from the same config."""
+    old = model.config
+    new = copy.deepcopy(old)
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+
+
+def patch_llama(model: LlamaForCausalLM, settings: LlamaPatchSettings | dict | None = None) -> LlamaForCausalLM:
+    """Patch ``model`` in place (this instance only) and return it.
+
+    Args:
+        model: a ``transformers.LlamaForCausalLM`` (stock, not already patched).
+        settings: :class:`LlamaPatchSettings`, a dict of its fields, or None for the defaults.
+    """
+    check_transformers_version()
+    if not isinstance(model, LlamaForCausalLM):
+        raise TypeError(f"patch_llama expects a transformers LlamaForCausalLM, got {type(model).__name__}")
+    if getattr(model, "_modelzoo_patches", None) is not None:
+        raise ValueError("this model is already patched; call unpatch_llama(model) first")
+    if settings is None:
+        settings = LlamaPatchSettings()
+    elif isinstance(settings, dict):
+        settings = LlamaPatchSettings.from_mapping(settings)
+    enabled = settings.enabled()
+
+    saved_classes: list = []
+    state = {"classes": saved_classes, "config": model.config}
+    _own_config(model)
+    if "static_attention" in enabled:
+        _register_attention()
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if "mixedp_attn" in enabled:
+        for layer in model.model.layers:
+            layer.self_attn._modelzoo_mixedp_attn = True
+    if "fp32_ln" in enabled:
+        for module in model.modules():
+            if type(module) is LlamaRMSNorm:
+                _swap_class(module, Fp32LlamaRMSNorm, saved_classes)
+    if "fp32_skip_add" in enabled:
+        for layer in model.model.layers:
+            _swap_class(layer, Fp32ResidualLlamaDecoderLayer, saved_classes)
+    if "fp32_logits" in enabled or "fp32_skip_add" in enabled:
+        _swap_class(model.lm_head, ComputeDtypeLinear, saved_classes)
+        model.lm_head.compute_dtype = torch.float32 if "fp32_logits" in enabled else None
+    _swap_class(model, PatchedLlamaForCausalLM, saved_classes)
+    model._modelzoo_patches = enabled
+    model._modelzoo_settings = settings
+    model._modelzoo_state = state
+    return model
+
+
+def unpatch_llama(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Undo :func:`patch_llama` on this instance: original classes, config and attention."""
+    state = getattr(model, "_modelzoo_state", None)
+    if state is None:
+        raise ValueError("this model is not patched by modelzoo")
+    for module, cls in reversed(state["classes"]):
+        module.__class__ = cls
+    own_config = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is own_config:
+            module.config = state["config"]
+        if getattr(module, "_modelzoo_mixedp_attn", False):
+            del module._modelzoo_mixedp_attn
+    if isinstance(model.lm_head, nn.Linear) and "compute_dtype" in model.lm_head.__dict__:
+        del model.lm_head.compute_dtype
+    for attr in ("_modelzoo_patches", "_modelzoo_settings", "_modelzoo_state"):
+        delattr(model, attr)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "_modelzoo_patches", None) is not None

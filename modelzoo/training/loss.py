@@ -1,0 +1,29 @@
+"""Weighted next-token cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and its weighted mean.
+
+    Args:
+        logits: ``[B, T, V]`` scores for each target position (any float dtype; computed in fp32).
+        targets: ``[B, T]`` target token ids; positions with weight 0 may hold any id (-100 is fine).
+        weights: ``[B, T]`` float weights.
+    Returns:
+        ``(loss, token_loss)``: the scalar ``sum(w * ce) / sum(w)`` (0 when all weights are 0) and the
+        unweighted per-token loss ``[B, T]`` float32 (0 where the weight is 0).
+    """
+    safe_targets = torch.where(weights > 0, targets, torch.zeros_like(targets))
+    token_loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), safe_targets.reshape(-1), reduction="none"
+    ).view_as(weights)
+    token_loss = torch.where(weights > 0, token_loss, torch.zeros_like(token_loss))
+    total_weight = weights.sum()
+    loss = (token_loss * weights).sum() / total_weight.clamp_min(torch.finfo(torch.float32).tiny)
+    return loss, token_loss
