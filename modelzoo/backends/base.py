@@ -54,5 +54,5 @@ class Backend(ABC):
         """Move a dict of input tensors to :meth:`device`."""
         return {k: v.to(self.device()) for k, v in batch.items()}
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 (optional hook: a no-op on synchronous devices)
         """Wait for queued work (for timing); a no-op on synchronous devices."""

@@ -8,6 +8,7 @@ for int, no number for str). A section given as null takes its defaults.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from collections.abc import Mapping
@@ -119,9 +120,8 @@ def _coerce(tp: Any, value: Any) -> Any:
 def _check_meta(value: Any, key: str, meta: Mapping[str, Any]) -> None:
     if value is None:
         return
-    for bound, ok, text in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
-                            ("le", lambda a, b: a <= b, "<=")):
-        if bound in meta and not ok(value, meta[bound]):
+    for bound, holds, text in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<=")):
+        if bound in meta and not holds(value, meta[bound]):
             raise ConfigError(f"'{key}' must be {text} {meta[bound]}, got {value!r}", key=key)
     choices = meta.get("choices")
     if choices is not None and value not in choices:

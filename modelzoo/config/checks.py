@@ -17,7 +17,7 @@ from .schema import GenerationRunConfig, ModelConfig, RunConfig
 
 
 def check_tensor_parallel(num_attention_heads: int, num_key_value_heads: int, n_chips: int,
-                          model_name: str) -> str:
+                          model_name: str, intermediate_size: int | None = None) -> str:
     """How ``n_chips``-way tensor parallelism splits attention: ``"shard"`` or ``"replicate"``.
 
     The rule: query heads are always sharded, so ``num_attention_heads % n_chips == 0`` is required.
@@ -25,15 +25,23 @@ def check_tensor_parallel(num_attention_heads: int, num_key_value_heads: int, n_
     ``num_key_value_heads / n_chips`` of them): ``"shard"``. Otherwise, when
     ``n_chips % num_key_value_heads == 0``, each KV head is replicated on ``n_chips /
     num_key_value_heads`` chips (each chip holds one KV head, serving its query heads):
-    ``"replicate"``. Any other ``n_chips`` raises ConfigError listing the valid values.
+    ``"replicate"``. The MLP is sharded along its hidden width, so ``intermediate_size % n_chips == 0``
+    is required too (when given): uneven shards are refused rather than padded. Any other
+    ``n_chips`` raises ConfigError listing the valid values.
     """
     if n_chips < 1:
         raise ConfigError(f"samba_compile.n_chips must be >= 1, got {n_chips}", key="samba_compile.n_chips")
-    valid = ", ".join(map(str, valid_n_chips(num_attention_heads, num_key_value_heads)))
+    valid = ", ".join(map(str, valid_n_chips(num_attention_heads, num_key_value_heads,
+                                             intermediate_size=intermediate_size)))
     if num_attention_heads % n_chips:
         raise ConfigError(
             f"samba_compile.n_chips={n_chips} does not divide num_attention_heads={num_attention_heads} "
             f"of model '{model_name}'; valid n_chips: {valid}", key="samba_compile.n_chips")
+    if intermediate_size is not None and intermediate_size % n_chips:
+        raise ConfigError(
+            f"samba_compile.n_chips={n_chips} does not divide intermediate_size={intermediate_size} "
+            f"of model '{model_name}' (the MLP would shard unevenly); valid n_chips: {valid}",
+            key="samba_compile.n_chips")
     if num_key_value_heads % n_chips == 0:
         return "shard"
     if n_chips % num_key_value_heads == 0:
@@ -44,13 +52,16 @@ def check_tensor_parallel(num_attention_heads: int, num_key_value_heads: int, n_
         key="samba_compile.n_chips")
 
 
-def valid_n_chips(heads: int, kv_heads: int, limit: int = 128) -> list[int]:
+def valid_n_chips(heads: int, kv_heads: int, limit: int = 128, intermediate_size: int | None = None) -> list[int]:
     """Every tensor-parallel degree up to ``limit`` that ``check_tensor_parallel`` accepts."""
-    return [n for n in range(1, limit + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+    return [n for n in range(1, limit + 1)
+            if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)
+            and (intermediate_size is None or intermediate_size % n == 0)]
 
 
-def model_heads(model: ModelConfig) -> tuple[int, int] | None:
-    """``(num_attention_heads, num_key_value_heads)`` of the configured model, or None when unknown.
+def model_heads(model: ModelConfig) -> tuple[int, int, int | None] | None:
+    """``(num_attention_heads, num_key_value_heads, intermediate_size)`` of the configured model, or
+    None when unknown (``intermediate_size`` is None when a config.json lacks it).
 
     A preset is built with ``model.overrides``; an HF directory is read from its ``config.json``.
     A path that does not exist yet (it contains a ``/``) gives None: the checks needing it are skipped.
@@ -60,7 +71,7 @@ def model_heads(model: ModelConfig) -> tuple[int, int] | None:
 
     if presets.is_preset(name):
         arch = _preset_arch(presets, name, model.overrides)
-        return arch.num_attention_heads, arch.num_key_value_heads
+        return arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size
     path = Path(name)
     if path.is_dir():
         values = {**_read_config_json(path), **model.overrides}
@@ -69,7 +80,8 @@ def model_heads(model: ModelConfig) -> tuple[int, int] | None:
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{path / 'config.json'} has no integer num_attention_heads; "
                               "is it a Llama checkpoint?", key="model.name_or_path") from None
-        return heads, int(values.get("num_key_value_heads") or heads)
+        intermediate = values.get("intermediate_size")
+        return heads, int(values.get("num_key_value_heads") or heads), intermediate and int(intermediate)
     if path.exists():
         raise ConfigError(f"model.name_or_path '{name}' is a file; give a preset name or an HF checkpoint "
                           "directory", key="model.name_or_path")
@@ -97,9 +109,21 @@ def check_run_config(cfg: RunConfig | GenerationRunConfig) -> None:
         if training.min_learning_rate > training.learning_rate:
             raise ConfigError(f"training.min_learning_rate={training.min_learning_rate} exceeds "
                               f"training.learning_rate={training.learning_rate}", key="training.min_learning_rate")
-    heads = model_heads(cfg.model)
-    if heads is not None:
-        check_tensor_parallel(*heads, samba.n_chips, cfg.model.name_or_path)
+    _check_patch_names(cfg.model.patches)
+    arch = model_heads(cfg.model)
+    if arch is not None:
+        heads, kv_heads, intermediate = arch
+        check_tensor_parallel(heads, kv_heads, samba.n_chips, cfg.model.name_or_path, intermediate)
+
+
+def _check_patch_names(patches: list[str] | None) -> None:
+    from modelzoo.models.llama.patch_llama import PATCH_NAMES
+
+    for name in patches or []:
+        if name not in PATCH_NAMES:
+            near = nearest(name, PATCH_NAMES, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"valid: {', '.join(PATCH_NAMES)}"
+            raise ConfigError(f"unknown patch '{name}' in model.patches; {hint}", key="model.patches")
 
 
 def _preset_arch(presets: Any, name: str, overrides: dict[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""The one error type a user's config can cause, and the "did you mean" helper."""
+"""The one error type a user's config can cause, and the nearest-name helper for "did you mean"."""
 
 from __future__ import annotations
 
@@ -36,11 +36,3 @@ def nearest(word: str, options: Iterable[str], n: int = 3) -> list[str]:
     """Up to ``n`` options closest to ``word``, best first."""
     return difflib.get_close_matches(word, list(options), n=n, cutoff=0.6)
 
-
-def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest option, else ``"; valid: a, b, c"``."""
-    options = list(options)
-    close = nearest(word, options, n=1)
-    if close:
-        return f"; did you mean '{close[0]}'?"
-    return f"; valid: {', '.join(options)}"

@@ -33,7 +33,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype."""
     patches: list[str] | None = None
-    """Names of the Llama patches to apply; None applies all, [] runs stock HF."""
+    """Allow-list of Llama patches (``patch_llama.PATCH_NAMES``); [] runs stock HF. None applies the
+    structural patches plus the precision patches switched on by the flags below."""
     fp32_ln: bool = False
     """Compute RMSNorm in float32 under a low-precision dtype."""
     fp32_logits: bool = False
