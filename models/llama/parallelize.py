@@ -1,0 +1,193 @@
+"""The Llama tensor-parallel (TP) plan, written as data, and the small functions that apply it.
+
+Plan (Megatron-style; ``n_chips`` = TP degree):
+
+- ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``, ``up_proj``: column-parallel (output features,
+  i.e. heads / MLP width, split across chips);
+- ``o_proj``, ``down_proj``: row-parallel (input features split; partial sums all-reduced);
+- ``lm_head``: column-parallel over the vocabulary with the logits gathered, when untied; tied
+  to the embedding (Llama-3.2) it stays replicated with it;
+- embeddings and RMSNorm weights: replicated.
+
+KV heads: when ``n_chips`` divides ``num_key_value_heads`` they are split like the query heads;
+when ``n_chips`` is a multiple of them, every KV head is first replicated ``n_chips / kv`` times
+(which leaves the function unchanged) so each chip holds exactly the one KV head its query heads
+use. The rule and its error messages live in ``modelzoo.config.check_tensor_parallel``.
+
+The same plan drives both the live model (:func:`parallelize_llama`, DTensor on a device mesh) and
+per-chip checkpoint shards (:func:`shard_tensor` / :func:`unshard_tensors`), so the two agree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+
+COLWISE = "colwise"
+ROWWISE = "rowwise"
+VOCAB = "colwise_vocab"  # column-parallel over the vocabulary, output gathered
+REPLICATE = "replicate"
+
+#: Module-name pattern -> parallel style. Modules not named here are replicated.
+LLAMA_TP_PLAN: dict[str, str] = {
+    "model.layers.*.self_attn.q_proj": COLWISE,
+    "model.layers.*.self_attn.k_proj": COLWISE,
+    "model.layers.*.self_attn.v_proj": COLWISE,
+    "model.layers.*.self_attn.o_proj": ROWWISE,
+    "model.layers.*.mlp.gate_proj": COLWISE,
+    "model.layers.*.mlp.up_proj": COLWISE,
+    "model.layers.*.mlp.down_proj": ROWWISE,
+    "lm_head": VOCAB,
+}
+#: dimension of the *weight* that a style splits (nn.Linear weight is [out, in])
+_SPLIT_DIM = {COLWISE: 0, ROWWISE: 1, VOCAB: 0}
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """How ``n_chips``-way TP lays a model out. Shapes are per chip."""
+
+    n_chips: int
+    kv_mode: str  # "shard" or "replicate"
+    heads_per_chip: int
+    kv_heads_per_chip: int
+    kv_replicas: int  # chips sharing one KV head (1 when sharded)
+    tied_embeddings: bool
+    padded_vocab: int  # vocab rounded up to a multiple of n_chips for lm_head shard files
+
+    @property
+    def lm_head_style(self) -> str:
+        return REPLICATE if self.tied_embeddings else VOCAB
+
+
+def tp_layout(config: LlamaConfig, n_chips: int) -> TPLayout:
+    """The layout for ``config`` at ``n_chips``; raises ``ConfigError`` for an impossible degree."""
+    from modelzoo.config import check_tensor_parallel
+
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    kv_mode = check_tensor_parallel(heads, kv, n_chips, getattr(config, "name_or_path", "") or "llama",
+                                    config.intermediate_size)
+    replicas = 1 if kv_mode == "shard" else n_chips // kv
+    return TPLayout(
+        n_chips=n_chips,
+        kv_mode=kv_mode,
+        heads_per_chip=heads // n_chips,
+        kv_heads_per_chip=kv // n_chips if kv_mode == "shard" else 1,
+        kv_replicas=replicas,
+        tied_embeddings=bool(config.tie_word_embeddings),
+        padded_vocab=-(-config.vocab_size // n_chips) * n_chips,
+    )
+
+
+def style_of(param_name: str, layout: TPLayout) -> str:
+    """The parallel style of a parameter (``model.layers.0.mlp.up_proj.weight`` -> ``colwise``)."""
+    module_name = param_name.rsplit(".", 1)[0]
+    for pattern, style in LLAMA_TP_PLAN.items():
+        if fnmatch.fnmatchcase(module_name, pattern):
+            return layout.lm_head_style if style == VOCAB else style
+    return REPLICATE
+
+
+def _is_kv(name: str) -> bool:
+    return name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"))
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, layout: TPLayout, rank: int,
+                 head_dim: int | None = None) -> torch.Tensor:
+    """Chip ``rank``'s shard of full HF tensor ``name`` (a contiguous copy).
+
+    Replicated KV heads: chip ``rank`` holds KV head ``rank // kv_replicas`` (needs ``head_dim``).
+    The vocab-parallel ``lm_head`` is zero-padded to ``layout.padded_vocab`` rows first.
+    """
+    style = style_of(name, layout)
+    if style == REPLICATE:
+        return tensor.clone()
+    if _is_kv(name) and layout.kv_mode == "replicate":
+        if head_dim is None:
+            raise ValueError("shard_tensor needs head_dim for replicated KV heads")
+        head = rank // layout.kv_replicas
+        return tensor[head * head_dim:(head + 1) * head_dim].clone()
+    if style == VOCAB and tensor.shape[0] != layout.padded_vocab:
+        pad = tensor.new_zeros((layout.padded_vocab - tensor.shape[0], *tensor.shape[1:]))
+        tensor = torch.cat([tensor, pad])
+    dim = _SPLIT_DIM[style] if tensor.dim() > 1 or style != ROWWISE else None
+    if dim is None:  # a row-parallel bias is not split (added once after the all-reduce)
+        return tensor.clone()
+    return tensor.chunk(layout.n_chips, dim=dim)[rank].contiguous()
+
+
+def unshard_tensors(name: str, shards: list[torch.Tensor], layout: TPLayout, vocab_size: int) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor`: the full HF tensor from all chips' shards (in rank order)."""
+    style = style_of(name, layout)
+    if style == REPLICATE:
+        return shards[0].clone()
+    if _is_kv(name) and layout.kv_mode == "replicate":
+        return torch.cat(shards[:: layout.kv_replicas])
+    if style == ROWWISE and shards[0].dim() == 1:
+        return shards[0].clone()
+    full = torch.cat(shards, dim=_SPLIT_DIM[style])
+    return full[:vocab_size].clone() if style == VOCAB else full
+
+
+def replicate_kv_heads_(model: nn.Module, n_chips: int) -> None:
+    """Give every attention layer ``n_chips`` KV heads by repeating each of its KV heads.
+
+    The function is unchanged (each query head still reads the same keys/values); afterwards the KV
+    projections split evenly over ``n_chips``. Only for ``n_chips`` a multiple of the KV heads.
+    """
+    config = model.config
+    kv = config.num_key_value_heads
+    if n_chips % kv:
+        raise ValueError(f"n_chips={n_chips} is not a multiple of num_key_value_heads={kv}")
+    repeats = n_chips // kv
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for proj in (attn.k_proj, attn.v_proj):
+            weight = proj.weight.data.view(kv, attn.head_dim, -1)
+            proj.weight = nn.Parameter(weight.repeat_interleave(repeats, dim=0).reshape(n_chips * attn.head_dim, -1),
+                                       requires_grad=proj.weight.requires_grad)
+            proj.out_features = proj.weight.shape[0]
+            if proj.bias is not None:
+                bias = proj.bias.data.view(kv, attn.head_dim).repeat_interleave(repeats, dim=0).reshape(-1)
+                proj.bias = nn.Parameter(bias, requires_grad=proj.bias.requires_grad)
+        attn.num_key_value_groups = config.num_attention_heads // n_chips
+    config.num_key_value_heads = n_chips
+
+
+def parallelize_llama(model: nn.Module, tp_mesh, *, training: bool = False) -> TPLayout:
+    """Apply the TP plan to a built (CPU/CUDA) model in place, on a 1-D device mesh.
+
+    Every rank must hold the same full weights before the call (same seed or same checkpoint);
+    afterwards each holds its shards as DTensors. Returns the layout used.
+
+    ``training=True`` refuses KV-head replication: replicated KV copies would each receive only
+    their own chips' gradient and drift apart.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    n_chips = tp_mesh.size()
+    layout = tp_layout(model.config, n_chips)
+    if n_chips == 1:
+        return layout
+    if layout.kv_mode == "replicate":
+        if training:
+            kv = model.config.num_key_value_heads
+            raise ValueError(
+                f"samba_compile.n_chips={n_chips} exceeds num_key_value_heads={kv}: KV heads would be "
+                f"replicated, which is supported for inference only; train with n_chips <= {kv}")
+        replicate_kv_heads_(model, n_chips)
+    styles = {COLWISE: ColwiseParallel, ROWWISE: RowwiseParallel}
+    plan = {}
+    for pattern, style in LLAMA_TP_PLAN.items():
+        if style == VOCAB:
+            if layout.lm_head_style == VOCAB:
+                plan[pattern] = ColwiseParallel(output_layouts=Replicate())
+        else:
+            plan[pattern] = styles[style]()
+    parallelize_module(model, tp_mesh, plan)
+    return layout
