@@ -16,6 +16,7 @@ import transformers
 
 from modelzoo.models.llama.presets import (
     PRESETS,
+    SYNTHETIC_PRESETS,
     TINY_PRESETS,
     UnknownPresetError,
     get_preset,
@@ -146,8 +147,14 @@ def test_tied_presets_share_embedding_and_lm_head(name):
 
 
 def test_every_big_preset_is_checked():
-    tiny = set(TINY_PRESETS)
-    assert {n for n in preset_names() if n not in tiny} == set(BIG_PRESETS)
+    ours = set(SYNTHETIC_PRESETS)
+    assert {n for n in preset_names() if n not in ours} == set(BIG_PRESETS)
+
+
+def test_benchmark_preset_is_about_60m():
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(get_preset("llama_60m"))
+    assert 55e6 < sum(p.numel() for p in model.parameters()) < 65e6
 
 
 # ------------------------------------------------------------------------- lookup and overrides

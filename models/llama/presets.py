@@ -92,10 +92,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "max_position_embeddings": 16384, "rope_scaling": _llama3_scaling(32.0),
                       "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
 }
+# Benchmark model: Llama-2 architecture at ~60M parameters (33M of them in the embedding and LM
+# head), small enough for a 2-core CPU, big enough that matmuls dominate.
+PRESETS["llama_60m"] = {**_LLAMA2_COMMON, "hidden_size": 512, "intermediate_size": 1536,
+                        "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
+                        "max_position_embeddings": 2048}
 # Alias: the bundled default model is the Llama-2-style tiny preset.
 PRESETS["llama_tiny"] = PRESETS["llama2_tiny"]
 
 TINY_PRESETS = ("llama2_tiny", "llama3_tiny", "llama3_2_tiny", "llama_tiny")
+#: Presets of our own (not mirroring a published checkpoint): the tiny ones and the benchmark model.
+SYNTHETIC_PRESETS = TINY_PRESETS + ("llama_60m",)
 
 
 class UnknownPresetError(ValueError):
