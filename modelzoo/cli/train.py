@@ -1,0 +1,84 @@
+"""``modelzoo-train`` / ``run_training.py``: compile a plan or train, from one YAML config.
+
+    modelzoo-train --config llama2_70b command=compile          # plan only: seconds, no weights
+    modelzoo-train --config llama_tiny                          # train on the bundled sample
+    modelzoo-train --config my.yaml training.max_steps=500 data_parallel.world_size=2
+
+A config asking for n_chips x world_size > 1 processes is relaunched under torchrun on this
+machine (gloo on CPU, nccl on CUDA); started by torchrun (multi-node), it joins the group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from modelzoo.checkpoint.hf_weights import CheckpointError
+from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, plan_path, summarize, write_plan
+from modelzoo.config import ConfigError, load_config
+from modelzoo.training.data import DatasetError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelzoo-train", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="llama_tiny",
+                        help="YAML path or bare name from configs/training/ (default: llama_tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides (hydra syntax), e.g. training.max_steps=50 command=compile")
+    return parser
+
+
+def _relaunch(nprocs: int, argv: list[str]) -> int:
+    """Run this command under torchrun with ``nprocs`` local processes; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
+           "-m", "modelzoo.cli.train", *argv]
+    print(f"launching {nprocs} processes: {' '.join(cmd[2:])}", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides, kind="training")
+    if cfg.command == "compile":
+        plan = build_plan(cfg)
+        path = write_plan(plan, cfg.samba_compile.output_folder)
+        print(summarize(plan))
+        print(f"compile plan written to {path}")
+        return 0
+    nprocs = cfg.samba_compile.n_chips * cfg.data_parallel.world_size
+    under_launcher = "WORLD_SIZE" in os.environ
+    if nprocs > 1 and not under_launcher:
+        return _relaunch(nprocs, argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if plan_path(cfg).is_file():
+        check_plan_for_run(cfg)
+    elif is_main:
+        write_plan(build_plan(cfg), cfg.samba_compile.output_folder)
+
+    from modelzoo.training.trainer import Trainer
+
+    result = Trainer(cfg).fit()
+    if is_main:
+        history = result["history"]
+        first = next((r["loss"] for r in history if "loss" in r), float("nan"))
+        print(f"done: {result['step']} steps, loss {first:.4f} -> {result.get('loss', float('nan')):.4f}"
+              + (f", dev loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.2f})" if "eval_loss" in result else "")
+              + f"; checkpoints in {cfg.checkpoint.save_dir}, metrics in {cfg.training.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except (ConfigError, DatasetError, CheckpointError, PlanError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

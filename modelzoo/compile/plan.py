@@ -1,0 +1,208 @@
+"""The compile plan: parallel layout and per-chip memory estimate, written at compile, read at run.
+
+``command=compile`` builds the model on the meta device (nothing is allocated), applies the TP
+layout to every parameter's shape, estimates per-chip bytes and writes ``compile_plan.json`` to
+``samba_compile.output_folder``. ``command=run`` reads it back and refuses to run when a setting
+that changes the compiled graph differs (``recompile_settings``).
+
+Memory model (bytes per chip; assumptions stated so they can be checked and changed):
+
+- weights: parameters on the chip x dtype size;
+- grads: same as weights;
+- optimizer: AdamW's two fp32 moments (8 B/param) plus an fp32 master copy when the model dtype
+  is not fp32 (4 B/param); with ``training.fsdp`` grads and optimizer state are divided by
+  ``data_parallel.world_size``;
+- activations (no recompute), per layer, from Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models") for 16-bit activations with t-way TP:
+  ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` bytes, scaled by dtype size / 2; plus the fp32 logits and
+  their gradient ``2*b*s*V*4``. With ``training.activation_checkpointing`` only each layer's
+  input (``s*b*h`` values) is kept, plus one layer's activations during its recompute.
+
+Per-chip capacity assumptions (``samba_compile.chip_memory_gib`` overrides them):
+:data:`ARCH_MEMORY_GIB`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from modelzoo.config import RunConfig, config_to_dict
+
+PLAN_FILE = "compile_plan.json"
+PLAN_VERSION = 1
+GIB = 1024**3
+#: Memory a plan may budget per chip, by arch (assumption: all tiers the runtime can place
+#: weights and state in). SN30: 1 TiB DDR per RDU. SN40L: 64 GiB HBM + 1.5 TiB DDR per RDU.
+ARCH_MEMORY_GIB = {"sn30": 1024.0, "sn40l": 64.0 + 1536.0}
+#: Fast-tier (HBM) capacity, reported for information: weights that fit there stream fastest.
+ARCH_HBM_GIB = {"sn30": 0.0, "sn40l": 64.0}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PlanError(RuntimeError):
+    """A plan that cannot fit or does not match the run; the message says which knob to turn."""
+
+
+def recompile_settings(cfg: RunConfig, arch_fields: dict[str, Any]) -> dict[str, Any]:
+    """Everything that changes the compiled graph: a run with other values needs a new compile."""
+    model = cfg.model
+    return {
+        "architecture": arch_fields,
+        "dtype": model.dtype,
+        "patches": model.patches,
+        "precision": {k: getattr(model, k) for k in ("fp32_ln", "fp32_logits", "fp32_skip_add", "mixedp_attn")},
+        "article_attention": model.article_attention,
+        "batch_size": cfg.training.batch_size,
+        "max_seq_length": cfg.training.max_seq_length,
+        "samba_compile": {k: v for k, v in config_to_dict(cfg.samba_compile).items() if k != "output_folder"},
+        "fsdp": cfg.training.fsdp,
+        "activation_checkpointing": cfg.training.activation_checkpointing,
+    }
+
+
+def _arch_fields(config) -> dict[str, Any]:
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps")
+    fields = {k: getattr(config, k) for k in keys}
+    fields["rope_parameters"] = dict(config.rope_parameters or {})
+    return fields
+
+
+def _activation_bytes(cfg: RunConfig, config, n_chips: int) -> int:
+    b, s = cfg.training.batch_size, cfg.training.max_seq_length
+    h, a, layers, vocab = config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.vocab_size
+    scale = DTYPE_BYTES[cfg.model.dtype] / 2
+    per_layer = s * b * h * (10 + 24 / n_chips + 5 * a * s / (h * n_chips)) * scale
+    logits = 2 * b * s * vocab * 4
+    if cfg.training.activation_checkpointing:  # keep layer inputs; recompute one layer at a time
+        return int(layers * s * b * h * 2 * scale + per_layer + logits)
+    return int(layers * per_layer + logits)
+
+
+def build_plan(cfg: RunConfig) -> dict[str, Any]:
+    """The compile plan for ``cfg`` (a dict, JSON-ready); raises PlanError when it cannot fit."""
+    from modelzoo.models.llama import from_pretrained
+    from modelzoo.models.llama.parallelize import REPLICATE, shard_tensor, style_of, tp_layout
+
+    model = from_pretrained(cfg.model.name_or_path, device="meta", overrides=cfg.model.overrides,
+                            dtype=cfg.model.dtype, patch=False)
+    config = model.config
+    n_chips, world = cfg.samba_compile.n_chips, cfg.data_parallel.world_size
+    layout = tp_layout(config, n_chips)
+    shard_shapes: dict[str, dict[str, Any]] = {}
+    per_chip_params = total_params = embedding_params = 0
+    for name, param in model.named_parameters():  # tied weights appear once
+        local = shard_tensor(name, param, layout, rank=0, head_dim=config.head_dim)
+        total_params += param.numel()
+        per_chip_params += local.numel()
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            embedding_params += param.numel()
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        shard_shapes.setdefault(pattern, {"full": list(param.shape), "per_chip": list(local.shape),
+                                          "style": style_of(name, layout) if local.shape != param.shape
+                                          else REPLICATE})
+    dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
+    state_divisor = world if cfg.training.fsdp else 1
+    optimizer_per_param = 8 + (0 if cfg.model.dtype == "float32" else 4)
+    memory = {
+        "weights": per_chip_params * dtype_bytes,
+        "grads": per_chip_params * dtype_bytes // state_divisor,
+        "optimizer": per_chip_params * optimizer_per_param // state_divisor,
+        "activations": _activation_bytes(cfg, config, n_chips),
+    }
+    memory["total"] = sum(memory.values())
+    budget_gib = cfg.samba_compile.chip_memory_gib or ARCH_MEMORY_GIB[cfg.samba_compile.arch]
+    plan = {
+        "version": PLAN_VERSION,
+        "model": {"name_or_path": cfg.model.name_or_path, "total_params": total_params,
+                  "non_embedding_params": total_params - embedding_params, **_arch_fields(config)},
+        "layout": {**asdict(layout), "world_size": world, "processes": n_chips * world,
+                   "lm_head_style": layout.lm_head_style},
+        "per_chip": {"params": per_chip_params, "bytes": memory,
+                     "gib": {k: round(v / GIB, 3) for k, v in memory.items()},
+                     "budget_gib": budget_gib, "fits": memory["total"] <= budget_gib * GIB,
+                     "weights_fit_hbm": memory["weights"] <= ARCH_HBM_GIB[cfg.samba_compile.arch] * GIB},
+        "shard_shapes": shard_shapes,
+        "recompile_settings": recompile_settings(cfg, _arch_fields(config)),
+    }
+    if not plan["per_chip"]["fits"]:
+        gib = plan["per_chip"]["gib"]
+        raise PlanError(
+            f"the plan needs {gib['total']:.1f} GiB per chip (weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, "
+            f"optimizer {gib['optimizer']:.1f}, activations {gib['activations']:.1f}) but samba_compile."
+            f"{'chip_memory_gib' if cfg.samba_compile.chip_memory_gib else 'arch'} allows {budget_gib:.0f} GiB; "
+            f"{_advice(cfg, memory, layout)}")
+    return plan
+
+
+def _advice(cfg: RunConfig, memory: dict[str, int], layout) -> str:
+    """Which knob helps most, given where the bytes go."""
+    tips = []
+    state = memory["weights"] + memory["grads"] + memory["optimizer"]
+    if state >= memory["activations"]:
+        tips.append(f"raise samba_compile.n_chips (now {layout.n_chips}) to shard the weights further")
+        if not cfg.training.fsdp and cfg.data_parallel.world_size > 1:
+            tips.append("set training.fsdp=true to shard grads and optimizer state over data parallel")
+    else:
+        if not cfg.training.activation_checkpointing:
+            tips.append("set training.activation_checkpointing=true to recompute activations")
+        tips.append(f"lower training.batch_size (now {cfg.training.batch_size}) and raise "
+                    "training.grad_accum_steps, or shorten training.max_seq_length")
+        tips.append(f"raise samba_compile.n_chips (now {layout.n_chips})")
+    return "; or ".join(tips)
+
+
+def plan_path(cfg: RunConfig) -> Path:
+    return Path(cfg.samba_compile.output_folder) / PLAN_FILE
+
+
+def write_plan(plan: dict[str, Any], folder: str | Path) -> Path:
+    """Write ``compile_plan.json`` atomically (temp file + rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / PLAN_FILE, folder / f".{PLAN_FILE}.tmp"
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def check_plan_for_run(cfg: RunConfig) -> dict[str, Any]:
+    """Read the plan of ``cfg``'s output_folder and check it matches ``cfg``; returns the plan."""
+    path = plan_path(cfg)
+    if not path.is_file():
+        raise PlanError(f"no compile plan at {path}; run the same config with command=compile first")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{path}:{err.lineno}: corrupt compile plan ({err.msg}); re-run with command=compile") from err
+    from modelzoo.models.llama import load_llama_config
+
+    config = load_llama_config(cfg.model.name_or_path, cfg.model.overrides)
+    want = json.loads(json.dumps(recompile_settings(cfg, _arch_fields(config))))
+    have = plan.get("recompile_settings", {})
+    diffs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diffs:
+        details = ", ".join(f"{k}: plan {have.get(k)!r} vs run {want.get(k)!r}" for k in diffs[:3])
+        raise PlanError(f"{path}: the run differs from the compiled plan in {', '.join(diffs)} ({details}); "
+                        "re-run with command=compile, or restore the compiled settings")
+    return plan
+
+
+def summarize(plan: dict[str, Any]) -> str:
+    """A few human-readable lines about a plan."""
+    m, lay, chip = plan["model"], plan["layout"], plan["per_chip"]
+    gib = chip["gib"]
+    return "\n".join([
+        f"model      {m['name_or_path']}: {m['total_params'] / 1e9:.2f}B params "
+        f"({m['non_embedding_params'] / 1e9:.2f}B non-embedding)",
+        f"layout     n_chips={lay['n_chips']} x world_size={lay['world_size']} = {lay['processes']} processes; "
+        f"{lay['heads_per_chip']} heads + {lay['kv_heads_per_chip']} KV heads per chip (KV {lay['kv_mode']})",
+        f"per chip   {chip['params'] / 1e9:.3f}B params; weights {gib['weights']:.2f} GiB, grads {gib['grads']:.2f}, "
+        f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f} = {gib['total']:.2f} GiB "
+        f"of {chip['budget_gib']:.0f} GiB",
+    ])

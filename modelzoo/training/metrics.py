@@ -1,0 +1,106 @@
+"""Training metrics: FLOPs per token, MFU, a measured matmul peak, peak memory, JSONL log.
+
+FLOPs per trained token (forward + backward = 3x forward), following Kaplan et al. 2020 / the
+PaLM appendix:
+
+    6 * N_nonembed                  matmuls of the decoder layers (2 FLOPs per MAC, x3 for fwd+bwd)
+  + 12 * L * H * S                  attention scores and weighted values (QK^T and AV), causal
+                                    masking not discounted
+  + 6 * H * V                       the LM head
+
+where N_nonembed excludes the embedding and LM-head matrices, L = layers, H = hidden size,
+S = sequence length, V = vocab size.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token of a Llama ``config`` at sequence length ``seq_len`` (see module doc)."""
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q_out = config.num_attention_heads * head_dim
+    kv_out = config.num_key_value_heads * head_dim
+    per_layer = h * q_out + 2 * h * kv_out + q_out * h + 3 * h * config.intermediate_size
+    n_nonembed = layers * per_layer
+    return 6 * n_nonembed + 12 * layers * h * seq_len + 6 * h * vocab
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024,
+                        seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of a square matmul on this device: the 'peak' MFU is measured against."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    _sync(device)
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes(device: str = "cpu") -> int:
+    """Peak memory of this process: CUDA allocator peak, or the CPU resident-set high-water mark."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path`` (rank 0 only) and keeps the history."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self.history: list[dict[str, Any]] = []
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.path:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: str | Path) -> bool:
+    """Write a loss-curve PNG (train and eval loss vs step); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="dev loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (weighted cross-entropy)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,325 @@
+"""The training loop: TP x DP on torch.distributed, weighted loss, eval, metrics, checkpoints.
+
+Loss normalisation across data parallelism and gradient accumulation: every optimizer step
+minimises ``sum(w * ce) / sum(w)`` over *all* targets of the step (all micro-batches, all DP
+ranks), exactly what one process computes on the combined batch. Each rank backpropagates its own
+``sum(w * ce) / W_global`` and gradients are summed over the DP group.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from modelzoo.checkpoint import manager as ckpt
+from modelzoo.checkpoint.hf_save import save_hf_dir
+from modelzoo.config import RunConfig, dump_yaml
+from modelzoo.data.token_types import loss_weights_from_token_types
+from modelzoo.parallel.mesh import build_mesh, init_distributed
+
+from .data import ShardedLoader, open_training_data
+from .metrics import MetricsLog, flops_per_token, measure_matmul_peak, peak_memory_bytes, plot_loss_curve
+from .optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class Dist:
+    """This process's place in the (dp, tp) mesh."""
+
+    rank: int = 0
+    world: int = 1
+    dp_rank: int = 0
+    dp_world: int = 1
+    tp_world: int = 1
+    mesh: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    def tp_group(self):
+        return self.mesh["tp"].get_group() if self.mesh is not None else None
+
+
+def _setup_dist(cfg: RunConfig, device_type: str) -> Dist:
+    n_chips, dp = cfg.samba_compile.n_chips, cfg.data_parallel.world_size
+    rank, world = init_distributed(device_type)
+    if world != n_chips * dp:
+        raise RuntimeError(f"{world} processes were launched but the config needs samba_compile.n_chips "
+                           f"({n_chips}) x data_parallel.world_size ({dp}) = {n_chips * dp}")
+    if world == 1:
+        return Dist()
+    mesh = build_mesh(n_chips, dp, device_type)
+    return Dist(rank, world, rank // n_chips, dp, n_chips, mesh)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def full_state(model) -> list[tuple[str, torch.Tensor]]:
+    """The unsharded HF state of ``model`` (a collective under TP: every rank must call it).
+    Tied weights appear once, under the embedding's name, as ``save_pretrained`` writes them."""
+    seen: set[int] = set()
+    out = []
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        tensor = param.full_tensor() if isinstance(param, DTensor) else param
+        out.append((name, tensor.detach().cpu()))
+    return out
+
+
+class Trainer:
+    """One training run for a (validated) :class:`RunConfig`."""
+
+    def __init__(self, cfg: RunConfig, *, stop_after: int | None = None, quiet: bool = False) -> None:
+        self.cfg, self.t = cfg, cfg.training
+        self.stop_after, self.quiet = stop_after, quiet  # stop_after: simulate a crash (tests)
+        self.device = torch.device("cuda" if cfg.backend == "cuda" else "cpu")
+        if self.t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.dist = _setup_dist(cfg, self.device.type)
+        torch.manual_seed(self.t.seed)
+        self._build_model()
+        self._build_data()
+        self.optimizer = build_optimizer(self.model, self.t, foreach=False if self.dist.tp_world > 1 else None)
+        self.total_steps = self._total_steps()
+        self.step = 0
+        self.log = MetricsLog(Path(self.t.output_dir) / "metrics.jsonl" if self.dist.is_main else None)
+        if cfg.checkpoint.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ setup
+    def _build_model(self) -> None:
+        from modelzoo.models.llama import LlamaPatchSettings, from_pretrained
+        from modelzoo.models.llama.parallelize import parallelize_llama
+
+        mcfg, load = self.cfg.model, self.cfg.checkpoint.load_path
+        source = load or mcfg.name_or_path
+        if self.cfg.checkpoint.resume:
+            latest = ckpt.latest_checkpoint(self.cfg.checkpoint.save_dir)
+            if latest is None:
+                raise ckpt.CheckpointError(f"checkpoint.resume is set but {self.cfg.checkpoint.save_dir} has no "
+                                           "'latest' checkpoint; drop checkpoint.resume to start fresh")
+            source = str(latest)
+        settings = LlamaPatchSettings.from_mapping({**vars(mcfg), "prompt_loss_weight": self.t.prompt_loss_weight})
+        overrides = mcfg.overrides if source == mcfg.name_or_path else None
+        self.model = from_pretrained(source, dtype=mcfg.dtype, overrides=overrides, seed=self.t.seed,
+                                     settings=settings, device=self.device)
+        self.hf_config = self.model._modelzoo_state["config"]  # the unpatched config, for saving
+        self.model.train()
+        if self.t.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.dist.tp_world > 1:
+            parallelize_llama(self.model, self.dist.mesh["tp"], training=True)
+        self.forward = self.model
+        if self.cfg.backend == "inductor":
+            self.forward = torch.compile(self.model, dynamic=False)
+        self.tokenizer_dir = self._tokenizer_dir(source)
+
+    def _tokenizer_dir(self, source: str) -> Path | None:
+        for candidate in (Path(source), Path(self.t.dataset_dir or "") / "tokenizer"):
+            if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
+                return candidate
+        return None
+
+    def _build_data(self) -> None:
+        train, dev, self.data_meta = open_training_data(self.t.dataset_dir, self.t.max_seq_length,
+                                                        self.model.config.vocab_size, self.dist.dp_world)
+        self.loader = ShardedLoader(train, self.t.batch_size, self.dist.dp_rank, self.dist.dp_world, self.t.seed)
+        self.dev_loader = (ShardedLoader(dev, self.t.batch_size, self.dist.dp_rank, self.dist.dp_world,
+                                         self.t.seed, shuffle=False)
+                           if dev is not None and len(dev) >= self.t.batch_size * self.dist.dp_world else None)
+
+    def _total_steps(self) -> int:
+        if self.t.num_epochs:
+            return max(self.t.num_epochs * self.loader.steps_per_epoch // self.t.grad_accum_steps, 1)
+        return self.t.max_steps
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.to(self.device) for k, v in self.loader.next_batch().items()}
+                for _ in range(self.t.grad_accum_steps)]
+
+    def train_step(self) -> dict[str, float]:
+        batches = self._micro_batches()
+        weight_sum = sum(loss_weights_from_token_types(b["token_type_ids"], self.t.prompt_loss_weight).sum()
+                         for b in batches)
+        weight_sum = _all_reduce(weight_sum.clone(), self.dist.dp_group()).clamp_min(1e-12)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            out = self.forward(**batch)
+            local = (out.token_loss * out.loss_weight).sum()
+            (local / weight_sum).backward()
+            loss_sum += local.detach()
+        self._sync_grads()
+        grad_norm = self._clip_grads()
+        lr = lr_at(self.step, self.t, self.total_steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = _all_reduce(loss_sum, self.dist.dp_group()) / weight_sum
+        tokens = sum(b["input_ids"].numel() for b in batches) * self.dist.dp_world
+        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _sync_grads(self) -> None:
+        """Sum gradients over the DP group (the loss is already divided by the global weight sum)."""
+        group = self.dist.dp_group()
+        if group is None or self.dist.dp_world == 1:
+            return
+        for param in self.model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(_local(param.grad), group=group)
+
+    def _clip_grads(self) -> float:
+        """Global L2 norm over all parameters (sharded ones summed over the TP group), then clip."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for grad in grads:
+            sq = _local(grad).double().pow(2).sum()
+            if isinstance(grad, DTensor):
+                sharded += sq
+            else:
+                replicated += sq
+        if self.dist.tp_world > 1:
+            _all_reduce(sharded, self.dist.tp_group())
+        norm = math.sqrt((sharded + replicated).item())
+        clip = self.t.clip_grad_norm
+        if clip is not None and norm > clip:
+            scale = clip / (norm + 1e-6)
+            for grad in grads:
+                _local(grad).mul_(scale)
+        return norm
+
+    # ------------------------------------------------------------------ eval / checkpoints
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if self.dev_loader is None:
+            return None
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        weight_sum = torch.zeros((), device=self.device)
+        for batch in self.dev_loader.epoch_batches():
+            out = self.forward(**{k: v.to(self.device) for k, v in batch.items()})
+            loss_sum += (out.token_loss * out.loss_weight).sum()
+            weight_sum += out.loss_weight.sum()
+        self.model.train()
+        loss = (_all_reduce(loss_sum, self.dist.dp_group()) / _all_reduce(weight_sum, self.dist.dp_group())).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+    def save(self) -> Path | None:
+        """Write checkpoint ``step_{step}`` (all ranks call this; rank 0 writes the HF dir)."""
+        save_dir = Path(self.cfg.checkpoint.save_dir)
+        tmp = ckpt.tmp_dir(save_dir, self.step)
+        state = full_state(self.model)  # collective under TP
+        if self.dist.is_main:
+            save_hf_dir(tmp, self.hf_config, state, generation_config=self.model.generation_config,
+                        tokenizer_dir=self.tokenizer_dir)
+            ckpt.write_trainer_state(tmp, {
+                "step": self.step, "total_steps": self.total_steps, "loader": self.loader.state_dict(),
+                "layout": {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world},
+            }, dump_yaml(self.cfg))
+        self._barrier()
+        optim_state = {k: (v if k != "state" else {i: {n: _local(t).clone() if torch.is_tensor(t) else t
+                                                        for n, t in s.items()} for i, s in v.items()})
+                       for k, v in self.optimizer.state_dict().items()}
+        ckpt.write_rank_state(tmp, self.dist.rank, optim_state, {"loader": self.loader.state_dict()})
+        self._barrier()
+        final = ckpt.finalize(save_dir, self.step, self.cfg.checkpoint.keep_last) if self.dist.is_main else None
+        self._barrier()
+        return final
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.cfg.checkpoint.save_dir)
+        trainer_state = ckpt.read_trainer_state(latest)
+        layout = trainer_state["layout"]
+        if layout != {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world}:
+            raise ckpt.CheckpointError(f"{latest} was written with n_chips={layout['n_chips']} x world_size="
+                                       f"{layout['world_size']}; resume with the same layout")
+        rank_state = ckpt.read_rank_state(latest, self.dist.rank)
+        saved = rank_state["optimizer"]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, state in saved["state"].items():
+            param = params[int(index)]
+            for key, value in state.items():
+                if torch.is_tensor(value) and isinstance(param, DTensor) and value.dim() > 0:
+                    state[key] = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False)
+        self.optimizer.load_state_dict(saved)
+        self.loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        self.step = int(trainer_state["step"])
+        if self.dist.is_main and not self.quiet:
+            print(f"resumed from {latest} at step {self.step}", file=sys.stderr)
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.t
+        flops_tok = flops_per_token(self.model.config, cfg.max_seq_length)
+        peak = measure_matmul_peak(torch.float32 if self.cfg.model.dtype == "float32" else torch.bfloat16,
+                                   str(self.device), seconds=0.3)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=self.quiet or not self.dist.is_main, file=sys.stderr, dynamic_ncols=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            if self.stop_after is not None and self.step >= self.stop_after:
+                break
+            metrics = self.train_step()
+            window_tokens += metrics.pop("tokens")
+            bar.update(1)
+            record: dict[str, Any] = {}
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                record = {"step": self.step, **metrics, "tokens_per_s": tps,
+                          "mfu": tps * flops_tok / (peak * self.dist.world),
+                          "peak_memory_gib": peak_memory_bytes(str(self.device)) / 1024**3,
+                          "epoch": self.loader.state.epoch}
+                window_tokens, window_start = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                record.update({"step": self.step, **(self.evaluate() or {})})
+            if record:
+                self.log.write(record)
+                last.update(record)
+            if self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0:
+                self.save()
+        bar.close()
+        if self.step >= self.total_steps:
+            if not (self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0):
+                self.save()
+            evaluated = cfg.eval_every and self.step % cfg.eval_every == 0
+            final_eval = None if evaluated else self.evaluate()
+            if final_eval:
+                self.log.write({"step": self.step, **final_eval})
+                last.update(final_eval)
+            if self.dist.is_main:
+                plot_loss_curve(self.log.history, Path(cfg.output_dir) / "loss_curve.png")
+        return {"step": self.step, "history": self.log.history, **last}
