@@ -40,6 +40,20 @@ def _relaunch(nprocs: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _preflight(cfg) -> None:
+    """Check the compile plan and the dataset against the config (cheap: no weights are loaded)."""
+    from modelzoo.models.llama import load_llama_config
+    from modelzoo.training.data import open_training_data
+
+    if plan_path(cfg).is_file():
+        check_plan_for_run(cfg)
+    else:
+        write_plan(build_plan(cfg), cfg.samba_compile.output_folder)
+    source = cfg.checkpoint.load_path or cfg.model.name_or_path
+    vocab = load_llama_config(source, cfg.model.overrides if source == cfg.model.name_or_path else None).vocab_size
+    open_training_data(cfg.training.dataset_dir, cfg.training.max_seq_length, vocab, cfg.data_parallel.world_size)
+
+
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides, kind="training")
@@ -51,13 +65,11 @@ def run(argv: list[str]) -> int:
         return 0
     nprocs = cfg.samba_compile.n_chips * cfg.data_parallel.world_size
     under_launcher = "WORLD_SIZE" in os.environ
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:  # fail once, here, before any process is launched
+        _preflight(cfg)
     if nprocs > 1 and not under_launcher:
         return _relaunch(nprocs, argv)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if plan_path(cfg).is_file():
-        check_plan_for_run(cfg)
-    elif is_main:
-        write_plan(build_plan(cfg), cfg.samba_compile.output_folder)
 
     from modelzoo.training.trainer import Trainer
 
