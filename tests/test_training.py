@@ -117,10 +117,16 @@ def test_tensor_parallel_matches_single_process(tmp_path, data, n_chips):
         assert_close(got[key], ref[key], atol=1e-4, rtol=0)
 
 
-def test_data_parallel_equals_combined_batch(tmp_path, data):
+@pytest.mark.parametrize(("fsdp", "n_chips"), [(False, 1), (True, 1), (False, 2)])
+def test_data_parallel_equals_combined_batch(tmp_path, data, fsdp, n_chips):
     single = Trainer(_cfg(tmp_path / "one", data, **{"training.batch_size": 8}), quiet=True).fit()
-    dp = _distributed_losses(tmp_path / "dp", data, 2, {"training.batch_size": 4, "data_parallel.world_size": 2})
+    tp = {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips} if n_chips > 1 else {}
+    dp = _distributed_losses(tmp_path / "dp", data, 2 * n_chips, {
+        "training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": fsdp, **tp})
     assert_close(dp, torch.tensor(_losses(single["history"]), dtype=torch.float64), atol=1e-5, rtol=0)
+    ref, got = _load_hf(tmp_path / "one" / "ck" / "step_00000005"), _load_hf(tmp_path / "dp" / "ck" / "step_00000005")
+    for key in ref:
+        assert_close(got[key], ref[key], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- compile plans

@@ -301,7 +301,7 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
         else:
             targets = labels[:, 1:]
             weights = (targets != -100).to(torch.float32)
-        loss, token_loss = weighted_cross_entropy(logits[:, :-1], targets, weights)
+        loss, token_loss = weighted_cross_entropy(logits, targets, weights)
         return ModelzooCausalLMOutput(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,

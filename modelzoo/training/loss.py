@@ -12,18 +12,24 @@ def weighted_cross_entropy(
     """Per-token cross-entropy and its weighted mean.
 
     Args:
-        logits: ``[B, T, V]`` scores for each target position (any float dtype; computed in fp32).
-        targets: ``[B, T]`` target token ids; positions with weight 0 may hold any id (-100 is fine).
+        logits: ``[B, S, V]`` scores (any float dtype; computed in fp32). Position t predicts
+            ``targets[:, t]``; when ``targets`` has one column less (next-token targets), the last
+            logit column is ignored without slicing (and copying) the logits.
+        targets: ``[B, T]`` target token ids, ``T`` = S or S-1; weight-0 positions may hold any id.
         weights: ``[B, T]`` float weights.
     Returns:
         ``(loss, token_loss)``: the scalar ``sum(w * ce) / sum(w)`` (0 when all weights are 0) and the
         unweighted per-token loss ``[B, T]`` float32 (0 where the weight is 0).
     """
+    n_targets = targets.shape[-1]
+    if n_targets == logits.shape[-2] - 1:  # pad instead of slicing the [B, S, V] logits
+        targets = F.pad(targets, (0, 1))
+        weights = F.pad(weights, (0, 1))
     safe_targets = torch.where(weights > 0, targets, torch.zeros_like(targets))
-    token_loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), safe_targets.reshape(-1), reduction="none"
-    ).view_as(weights)
+    logits = logits.float()
+    token_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), safe_targets.reshape(-1),
+                                 reduction="none").view_as(weights)
     token_loss = torch.where(weights > 0, token_loss, torch.zeros_like(token_loss))
     total_weight = weights.sum()
     loss = (token_loss * weights).sum() / total_weight.clamp_min(torch.finfo(torch.float32).tiny)
-    return loss, token_loss
+    return loss, token_loss[..., :n_targets]

@@ -131,10 +131,27 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.dist.tp_world > 1:
             parallelize_llama(self.model, self.dist.mesh["tp"], training=True)
+        self.grad_scale = 1.0
+        if self.t.fsdp and self.dist.dp_world > 1:
+            self._apply_fsdp()
+            self.grad_scale = float(self.dist.dp_world)
         self.forward = self.model
         if self.cfg.backend == "inductor":
             self.forward = torch.compile(self.model, dynamic=False)
         self.tokenizer_dir = self._tokenizer_dir(source)
+
+    def _apply_fsdp(self) -> None:
+        """Shard parameters, grads and optimizer state over the DP group (FSDP2, per decoder layer).
+
+        FSDP averages gradients over the DP group; the loss is already normalised by the global
+        weight sum, so each rank's loss is scaled by the DP size to make that average a sum
+        (gloo has no pre-multiplied reduce-scatter for a divide factor of 1)."""
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = self.dist.mesh["dp"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
 
     def _tokenizer_dir(self, source: str) -> Path | None:
         for candidate in (Path(source), Path(self.t.dataset_dir or "") / "tokenizer"):
@@ -169,7 +186,7 @@ class Trainer:
         for batch in batches:
             out = self.forward(**batch)
             local = (out.token_loss * out.loss_weight).sum()
-            (local / weight_sum).backward()
+            (local * self.grad_scale / weight_sum).backward()
             loss_sum += local.detach()
         self._sync_grads()
         grad_norm = self._clip_grads()
@@ -183,34 +200,30 @@ class Trainer:
         return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
     def _sync_grads(self) -> None:
-        """Sum gradients over the DP group (the loss is already divided by the global weight sum)."""
+        """Sum gradients over the DP group (the loss is already divided by the global weight sum);
+        under FSDP the reduce-scatter in backward has done it."""
         group = self.dist.dp_group()
-        if group is None or self.dist.dp_world == 1:
+        if group is None or self.dist.dp_world == 1 or self.t.fsdp:
             return
         for param in self.model.parameters():
             if param.grad is not None:
                 dist.all_reduce(_local(param.grad), group=group)
 
     def _clip_grads(self) -> float:
-        """Global L2 norm over all parameters (sharded ones summed over the TP group), then clip."""
-        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
-        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        """Global L2 gradient norm, then clip. A DTensor grad (TP- and/or FSDP-sharded) contributes
+        its full norm (DTensor reduces over the mesh); a plain (replicated) grad its local norm."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        squares = []
         for grad in grads:
-            sq = _local(grad).double().pow(2).sum()
-            if isinstance(grad, DTensor):
-                sharded += sq
-            else:
-                replicated += sq
-        if self.dist.tp_world > 1:
-            _all_reduce(sharded, self.dist.tp_group())
-        norm = math.sqrt((sharded + replicated).item())
+            norm = grad.detach().double().norm()
+            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+        total = math.sqrt(torch.stack(squares).sum().item()) if squares else 0.0
         clip = self.t.clip_grad_norm
-        if clip is not None and norm > clip:
-            scale = clip / (norm + 1e-6)
+        if clip is not None and total > clip:
+            scale = clip / (total + 1e-6)
             for grad in grads:
                 _local(grad).mul_(scale)
-        return norm
+        return total
 
     # ------------------------------------------------------------------ eval / checkpoints
     @torch.no_grad()
