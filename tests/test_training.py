@@ -200,3 +200,23 @@ def test_truncated_rows_are_refused(tmp_path, capsys):
         del f["token_type_ids"]
     code, err = _run_cli(tmp_path, bad, capsys)
     assert code == 2 and "train_1_of_1.hdf5" in err
+
+
+def _resume_worker(rank, world_size, tmp, data, extra, stop_after):
+    cfg = _cfg(Path(tmp), Path(data), **extra)
+    result = Trainer(cfg, stop_after=stop_after, quiet=True).fit()
+    if rank == 0:
+        torch.save({"losses": torch.tensor(_losses(result["history"]), dtype=torch.float64)}, f"{tmp}/losses.pt")
+
+
+def test_distributed_resume_matches_uninterrupted(tmp_path, data):
+    """Sharded (DTensor) optimizer state round-trips through a checkpoint: TP=2 resume is exact.
+    (FSDP shards take the same DTensor path; checked by hand, left out to keep the suite short.)"""
+    steps = {"training.max_steps": 6, "checkpoint.save_every": 3,
+             "samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": 2}
+    spawn_cpu(_resume_worker, 2, str(tmp_path / "a"), str(data), steps, None)
+    full = torch.load(tmp_path / "a" / "losses.pt", weights_only=True)["losses"]
+    spawn_cpu(_resume_worker, 2, str(tmp_path / "b"), str(data), steps, 4)
+    spawn_cpu(_resume_worker, 2, str(tmp_path / "b"), str(data), {**steps, "checkpoint.resume": True}, None)
+    resumed = torch.load(tmp_path / "b" / "losses.pt", weights_only=True)["losses"]
+    assert torch.equal(resumed, full[3:])
