@@ -12,6 +12,8 @@ import h5py
 import numpy as np
 import yaml
 
+from modelzoo.data.dataset_layout import write_manifest
+
 
 def _rows(n_rows: int, seq_len: int, vocab: int, rng: np.random.Generator):
     ids = np.zeros((n_rows, seq_len), dtype=np.int32)
@@ -46,7 +48,10 @@ def write_dataset(root: Path, *, n_train_files: int = 2, rows_per_file: int = 16
         with h5py.File(root / "dev_1_of_1.hdf5", "w") as f:
             f.create_dataset("input_ids", data=ids)
             f.create_dataset("token_type_ids", data=types)
-    meta = {"max_seq_length": seq_len, "vocab_size": vocab, "number_of_training_files": n_train_files,
-            "number_of_dev_files": 1 if n_dev else 0, "number_of_test_files": 0}
+    meta = {"max_seq_length": seq_len, "token_type_ids": True, "vocab_size": vocab,
+            "tokenizer_model_type": "synthetic", "number_of_training_files": n_train_files,
+            "number_of_dev_files": 1 if n_dev else 0, "number_of_test_files": 0,
+            "max_batch_size_train": rows_per_file * n_train_files, "max_batch_size_dev": n_dev}
     (root / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    write_manifest(root)
     return root

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from modelzoo.cli.train import main as train_main
 from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, write_plan
 from modelzoo.config import load_config, shipped_configs
+from modelzoo.data.dataset_layout import write_manifest
 from modelzoo.parallel.mesh import spawn_cpu
 from modelzoo.training.trainer import Trainer
 
@@ -173,14 +174,17 @@ def test_missing_dataset(tmp_path, capsys):
 
 def test_metadata_mismatch(tmp_path, data, capsys):
     code, err = _run_cli(tmp_path, data, capsys, **{"training.max_seq_length": 64})
-    assert code == 2 and "max_seq_length 32 != training.max_seq_length 64" in err
+    assert code == 2 and "max_seq_length is 32" in err and "set training.max_seq_length=32" in err
 
 
 def test_corrupt_hdf5(tmp_path, capsys):
     bad = write_dataset(tmp_path / "bad", n_train_files=2)
     (bad / "train_2_of_2.hdf5").write_bytes(b"not an hdf5 file")
+    code, err = _run_cli(tmp_path, bad, capsys)  # caught by the manifest's size check
+    assert code == 2 and "train_2_of_2.hdf5" in err and "rebuild the dataset" in err
+    write_manifest(bad)  # a manifest that agrees: the HDF5 reader itself must refuse the file
     code, err = _run_cli(tmp_path, bad, capsys)
-    assert code == 2 and "train_2_of_2.hdf5" in err and "re-run data prep" in err
+    assert code == 2 and "train_2_of_2.hdf5: not a readable dataset file" in err and "re-run data prep" in err
 
 
 def test_tp_incompatible_with_heads(tmp_path, data, capsys):
@@ -198,6 +202,7 @@ def test_truncated_rows_are_refused(tmp_path, capsys):
     bad = write_dataset(tmp_path / "bad", n_train_files=1)
     with h5py.File(bad / "train_1_of_1.hdf5", "a") as f:
         del f["token_type_ids"]
+    write_manifest(bad)
     code, err = _run_cli(tmp_path, bad, capsys)
     assert code == 2 and "train_1_of_1.hdf5" in err
 

@@ -1,9 +1,11 @@
 """Training batches from an HDF5 dataset dir: DP-sharded, seeded per-epoch order, resumable.
 
-Order: epoch ``e`` visits the split's sequences in ``randperm(N, seed + e)``. Each micro-step takes
-the next ``batch_size * dp_world`` of them (an incomplete tail is dropped) and DP rank ``r`` gets
-slice ``[r * batch_size, (r + 1) * batch_size)``; so DP=k over batch B sees exactly the rows a
-single process sees with batch k*B. The position (epoch, micro-step) is the resumable state.
+The dataset dir is validated by ``modelzoo.data.hdf5_reader.HDF5DatasetDir`` (metadata, file set,
+manifest); rows are then read lazily from the HDF5 files, so memory does not grow with the data.
+Order: ``ShardedSampler.epoch_indices`` (seeded permutation per epoch, rank r takes positions
+r, r + dp_world, ...); micro-step k takes the rank's next ``batch_size`` indices, so the union over
+DP ranks is exactly the k-th batch of ``batch_size * dp_world`` a single process would take.
+The position (epoch, micro-step) is the resumable state.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import h5py
 import numpy as np
 import torch
 
+from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir, ShardedSampler
 
-class DatasetError(RuntimeError):
-    """The dataset dir is missing, corrupt, or does not match the run config (message names the fix)."""
+__all__ = ["DatasetError", "ShardedLoader", "SplitReader", "open_training_data"]
 
 
 class SplitReader:
@@ -74,7 +76,7 @@ class ShardedLoader:
     def __init__(self, reader: SplitReader, batch_size: int, dp_rank: int, dp_world: int, seed: int,
                  shuffle: bool = True) -> None:
         self.reader, self.batch_size = reader, batch_size
-        self.dp_rank, self.dp_world, self.seed, self.shuffle = dp_rank, dp_world, seed, shuffle
+        self.sampler = ShardedSampler(len(reader), rank=dp_rank, world_size=dp_world, seed=seed, shuffle=shuffle)
         self.state = LoaderState()
         if self.steps_per_epoch == 0:
             raise DatasetError(f"the split has {len(reader)} sequences, fewer than one global batch "
@@ -83,64 +85,29 @@ class ShardedLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.reader) // (self.batch_size * self.dp_world)
+        return len(self.sampler) // self.batch_size
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.reader))
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.reader), generator=gen).numpy()
+    def _batch(self, epoch: int, micro_step: int) -> dict[str, torch.Tensor]:
+        start = micro_step * self.batch_size
+        return self.reader.rows(self.sampler.epoch_indices(epoch)[start:start + self.batch_size])
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.state.micro_step >= self.steps_per_epoch:
             self.state = LoaderState(self.state.epoch + 1, 0)
-        global_batch = self.batch_size * self.dp_world
-        start = self.state.micro_step * global_batch + self.dp_rank * self.batch_size
-        indices = self._order(self.state.epoch)[start:start + self.batch_size]
+        batch = self._batch(self.state.epoch, self.state.micro_step)
         self.state.micro_step += 1
-        return self.reader.rows(indices)
+        return batch
 
     def epoch_batches(self):
-        """All micro-batches of one pass in order, without touching the resumable state (for eval)."""
-        order = self._order(0)
-        global_batch = self.batch_size * self.dp_world
+        """All micro-batches of epoch 0 in order, without touching the resumable state (for eval)."""
         for step in range(self.steps_per_epoch):
-            start = step * global_batch + self.dp_rank * self.batch_size
-            yield self.reader.rows(order[start:start + self.batch_size])
+            yield self._batch(0, step)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.state.epoch, "micro_step": self.state.micro_step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.state = LoaderState(int(state["epoch"]), int(state["micro_step"]))
-
-
-def split_files(dataset_dir: Path, split: str) -> list[Path]:
-    """``{split}_{i}_of_{N}.hdf5`` files in index order; checks that all N are present."""
-    files = sorted(dataset_dir.glob(f"{split}_*_of_*.hdf5"), key=lambda p: int(p.stem.split("_")[1]))
-    if files:
-        total = int(files[0].stem.rsplit("_", 1)[1])
-        missing = sorted(set(range(1, total + 1)) - {int(p.stem.split("_")[1]) for p in files})
-        if missing:
-            raise DatasetError(f"{dataset_dir}: {split} file(s) {', '.join(f'{split}_{i}_of_{total}.hdf5' for i in missing)} "
-                               "missing; copy the complete dataset dir or re-run data prep")
-    return files
-
-
-def read_metadata(dataset_dir: Path) -> dict:
-    """``metadata.yaml`` as a dict ({} when the dir has none, e.g. a hand-made dataset)."""
-    import yaml
-
-    path = dataset_dir / "metadata.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DatasetError(f"{path}: invalid YAML ({err}); re-run data prep") from err
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a mapping of metadata keys; re-run data prep")
-    return data
 
 
 def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size: int,
@@ -152,17 +119,14 @@ def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size:
     if not root.is_dir():
         raise DatasetError(f"training.dataset_dir '{root}' does not exist; build it with modelzoo-data-prep "
                            "or fix the path")
-    meta = read_metadata(root)
-    train_files = split_files(root, "train")
-    if not train_files:
-        raise DatasetError(f"{root}: no train_*_of_*.hdf5 files; is this a modelzoo-data-prep output dir?")
-    if "max_seq_length" in meta and int(meta["max_seq_length"]) != max_seq_length:
-        raise DatasetError(f"{root / 'metadata.yaml'}: max_seq_length {meta['max_seq_length']} != "
-                           f"training.max_seq_length {max_seq_length}; set training.max_seq_length="
-                           f"{meta['max_seq_length']} or re-run data prep")
-    if "vocab_size" in meta and int(meta["vocab_size"]) > vocab_size:
+    dataset = HDF5DatasetDir(root, max_seq_length=max_seq_length)
+    meta = dataset.metadata
+    if int(meta["vocab_size"]) > vocab_size:
         raise DatasetError(f"{root / 'metadata.yaml'}: tokenizer vocab_size {meta['vocab_size']} exceeds the "
                            f"model's vocab_size {vocab_size}; use the model's tokenizer for data prep")
+    train_files = dataset.files("train")
+    if not train_files:
+        raise DatasetError(f"{root}: no training files (number_of_training_files is 0); re-run data prep")
     if dp_world > len(train_files):
         raise DatasetError(f"data_parallel.world_size={dp_world} exceeds the {len(train_files)} training files "
                            f"of {root}; re-run data prep with --num_training_splits >= {dp_world} "
@@ -171,5 +135,5 @@ def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size:
     if train.seq_len != max_seq_length:
         raise DatasetError(f"{train_files[0]}: sequences are {train.seq_len} tokens but training.max_seq_length "
                            f"is {max_seq_length}; set training.max_seq_length={train.seq_len}")
-    dev_files = split_files(root, "dev")
+    dev_files = dataset.files("dev")
     return train, (SplitReader(dev_files) if dev_files else None), meta
