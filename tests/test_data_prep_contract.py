@@ -20,11 +20,6 @@ from modelzoo.data_prep.options import packing_choices
 
 
 @pytest.fixture(scope="session")
-def llama_like_tok(tmp_path_factory):
-    return tokenizer_path(tmp_path_factory, "llama")
-
-
-@pytest.fixture(scope="session")
 def bos_eos_tok(tmp_path_factory):
     return tokenizer_path(tmp_path_factory, "bos_eos")
 

@@ -14,18 +14,11 @@ from test_data_prep_fixtures import (
     leftovers,
     prep_args,
     read_split,
-    tokenizer_path,
     write_jsonl,
 )
 
 from modelzoo.data_prep.cli import main
 from modelzoo.data_prep.workers import FAULT_ENV
-
-
-@pytest.fixture(scope="session")
-def llama_like_tok(tmp_path_factory):
-    return tokenizer_path(tmp_path_factory, "llama")
-
 
 GOOD = [{"prompt": f"q{i} alpha", "completion": f"a{i} beta"} for i in range(20)]
 

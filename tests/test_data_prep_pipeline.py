@@ -18,7 +18,6 @@ from test_data_prep_fixtures import (
     leftovers,
     prep_args,
     read_split,
-    tokenizer_path,
     write_jsonl,
 )
 
@@ -27,12 +26,6 @@ from modelzoo.data_prep.cli import main
 from modelzoo.data_prep.options import PrepOptions, SplitOptions
 from modelzoo.data_prep.pipeline import run_pipeline
 from modelzoo.data_prep.verify import verify_dataset
-
-
-@pytest.fixture(scope="session")
-def llama_like_tok(tmp_path_factory):
-    return tokenizer_path(tmp_path_factory, "llama")
-
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_data_prep_fixtures import prep_args, read_split, tokenizer_path, write_jsonl
+from test_data_prep_fixtures import prep_args, read_split, write_jsonl
 
 from modelzoo.data.dataset_layout import sha256_of
 from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir, PackedSequenceDataset, ShardedSampler
 from modelzoo.data_prep.cli import main
-
-
-@pytest.fixture(scope="session")
-def llama_like_tok(tmp_path_factory):
-    return tokenizer_path(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")
