@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from modelzoo.backends import BackendUnavailableError, get_backend
-from modelzoo.checkpoint.hf_weights import CheckpointError
-from modelzoo.config import ConfigError, check_tensor_parallel, load_config
+from modelzoo.backends import get_backend
+from modelzoo.config import check_tensor_parallel, load_config
 from modelzoo.models.llama import LlamaPatchSettings, from_pretrained, patch_llama
-from modelzoo.models.llama.patch_llama import UnsupportedTransformersError
+
+from .errors import run_reporting_errors
 
 #: Materializing more than this (twice, in fp32) is not a quick check; shrink the model instead.
 MAX_CHECK_PARAMS = 1.5e9
@@ -116,12 +116,7 @@ def run_checks(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return run_checks(args)
-    except (ConfigError, CheckpointError, BackendUnavailableError, UnsupportedTransformersError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(run_checks, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

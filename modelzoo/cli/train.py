@@ -15,10 +15,10 @@ import os
 import subprocess
 import sys
 
-from modelzoo.checkpoint.hf_weights import CheckpointError
-from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, plan_path, summarize, write_plan
-from modelzoo.config import ConfigError, load_config
-from modelzoo.training.data import DatasetError
+from modelzoo.compile.plan import build_plan, check_plan_for_run, plan_path, summarize, write_plan
+from modelzoo.config import load_config
+
+from .errors import run_reporting_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,12 +84,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except (ConfigError, DatasetError, CheckpointError, PlanError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
