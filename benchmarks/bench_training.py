@@ -5,7 +5,7 @@ same dtype, one process, one run. Prints tokens/s for both, the ratio, and MFU a
 peak measured in the same run. FLOPs per token: see ``modelzoo.training.metrics.flops_per_token``
 (6*N_nonembed + 12*L*H*S + 6*H*V).
 
-    python benchmarks/bench_training.py [--steps 6] [--warmup 1] [--dtypes float32 bfloat16]
+    python benchmarks/bench_training.py [--steps 6] [--warmup 1] [--dtypes float32 bfloat16] [--inductor]
 
 "bfloat16" runs both models under ``torch.autocast(bfloat16)`` with fp32 master weights.
 """
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--inductor", action="store_true",
+                        help="also time the patched model under torch.compile (backend=inductor)")
     args = parser.parse_args()
 
     config = get_preset("llama_60m")
@@ -95,14 +97,16 @@ def main() -> None:
         peak = measure_matmul_peak(autocast or torch.float32, seconds=1.0)
         stock: LlamaForCausalLM = copy.deepcopy(base).train()
         ours = patch_llama(copy.deepcopy(base)).train()
-        timed = time_interleaved({"stock": make_step(stock, batch, autocast, ours=False),
-                                  "ours": make_step(ours, batch, autocast, ours=True)}, args.steps, args.warmup)
-        t_stock, t_ours = timed["stock"], timed["ours"]
-        tps_stock, tps_ours = tokens / t_stock, tokens / t_ours
-        print(f"{dtype_name:>8}: matmul peak {peak / 1e9:.1f} GFLOP/s | "
-              f"HF stock {tps_stock:,.0f} tok/s (MFU {tps_stock * fpt / peak:.1%}) | "
-              f"modelzoo {tps_ours:,.0f} tok/s (MFU {tps_ours * fpt / peak:.1%}) | "
-              f"ratio modelzoo/HF {tps_ours / tps_stock:.3f}")
+        steps = {"stock": make_step(stock, batch, autocast, ours=False),
+                 "ours": make_step(ours, batch, autocast, ours=True)}
+        if args.inductor:
+            compiled = torch.compile(patch_llama(copy.deepcopy(base)).train(), dynamic=False)
+            steps["ours+inductor"] = make_step(compiled, batch, autocast, ours=True)
+        timed = time_interleaved(steps, args.steps, args.warmup)
+        tps = {name: tokens / t for name, t in timed.items()}
+        cells = " | ".join(f"{name} {v:,.0f} tok/s (MFU {v * fpt / peak:.1%})" for name, v in tps.items())
+        ratios = " | ".join(f"ratio {name}/HF {v / tps['stock']:.3f}" for name, v in tps.items() if name != "stock")
+        print(f"{dtype_name:>8}: matmul peak {peak / 1e9:.1f} GFLOP/s | {cells} | {ratios}")
 
 
 if __name__ == "__main__":
