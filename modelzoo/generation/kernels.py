@@ -1,0 +1,159 @@
+"""Linear and embedding kernels for generation, picked per module and per step shape.
+
+Why these exist (profiled on the benchmark model, ``benchmarks/bench_generation.py``): a decode step
+is a chain of matrix-vector products, bound by reading the weights from memory. ``F.linear`` on CPU
+goes to the BLAS gemv, which here reads fp32 weights at about a third of the copy bandwidth; the
+oneDNN linear that inductor's CPU freezing path uses (``torch.ops.mkldnn._linear_pointwise``) reads
+them at about twice that rate. Under ``torch.compile`` a small-row product written as a reduction
+(``(W * x_row).sum(-1)`` per row) becomes one vectorized C++ loop that reads each weight row once
+for all input rows and fuses with its neighbours (norms, rotary, SiLU),
+and with int8 weights it reads 1 byte per weight and converts in registers: that is what makes int8
+decode fast. (Measured on llama_60m's 33 matrices, 2 cores: fp32 batch 1 ``F.linear`` 10 GB/s,
+oneDNN 20-22 GB/s, compiled reduction 23-25 GB/s; int8 compiled 15-17 GB/s of int8 = 6x fewer
+seconds than ``F.linear`` fp32; ``torch._weight_int8pack_mm`` about 2 GB/s here.)
+
+Every path computes ``x @ W.T (* scale) (+ bias)``; they differ only in summation order (fp32
+rounding), which the greedy-parity tests against ``transformers`` cover.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzoo.checkpoint.int8 import Int8Linear, quantize_weight
+
+#: Up to this many rows (batch x new tokens: decode steps), a compiled linear is written as
+#: reductions; above it (prefill), a compiled linear is a GEMM.
+SMALL_ROWS = 8
+#: Smaller weights stay on ``F.linear``: the oneDNN call always forks its threads, which costs more
+#: than it saves on a tiny matrix (and stalls badly when the cores are shared).
+ONEDNN_MIN_WEIGHT = 1 << 16
+
+
+@functools.cache
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` runs here (a private op: probe, don't assume)."""
+    try:
+        x, w = torch.ones(2, 8, dtype=dtype), torch.ones(4, 8, dtype=dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return bool(torch.equal(out, F.linear(x, w)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _is_plain(weight: torch.Tensor) -> bool:
+    return type(weight) in (torch.Tensor, nn.Parameter)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _realized(x: torch.Tensor) -> torch.Tensor:
+    """``x``, stored to memory before it is used (under inductor; a no-op value-wise).
+
+    Inductor otherwise inlines the pointwise ops that produce a reduction's input (RMSNorm, SiLU *
+    up, rotary) into the reduction loop, recomputing them for every output feature: at batch 8
+    that made the LM head compute-bound (13 ms instead of 2). The input is a few KB.
+    """
+    import torch._inductor.inductor_prims  # noqa: F401 (registers the op)
+
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+
+
+def _reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T`` as one reduction per input row (for inductor, few rows).
+
+    Inductor fuses the per-row reductions into one loop over the weight rows, so each weight row is
+    read once for all input rows, and an int8 weight is converted in registers. The input rows are
+    stored first (:func:`_realized`). (Written as a single
+    broadcast ``[N, M, K]`` reduction instead, inductor vectorizes along the short M axis and forks
+    threads inside the loop over N: 50x slower at M = 8.)
+    """
+    rows = _realized(x.reshape(-1, x.shape[-1]))
+    out = torch.stack([(weight * row).sum(-1, dtype=x.dtype) for row in rows.unbind(0)])  # [M, N]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compiled: bool) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T (+ bias)`` with the fastest kernel for the mode and shape."""
+    if compiled:
+        if _rows(x) <= SMALL_ROWS:
+            out = _reduction_linear(x, weight)
+            return out if bias is None else out + bias
+        return F.linear(x, weight, bias)
+    if (x.device.type == "cpu" and weight.numel() >= ONEDNN_MIN_WEIGHT and x.dtype == weight.dtype
+            and onednn_linear_available(x.dtype)):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                compiled: bool) -> torch.Tensor:
+    """``x [..., K] @ (q[N, K] * scale[N, None]).T (+ bias)``, q int8, scale fp32.
+
+    Compiled small-row products read the int8 matrix once and convert in registers. Eager: PyTorch's
+    int8 weight-only kernel for a single row, otherwise the weight is dequantized for the call.
+    """
+    scale = scale.to(x.dtype)
+    if compiled and _rows(x) <= SMALL_ROWS:
+        out = _reduction_linear(x, q) * scale
+    elif not compiled and _rows(x) == 1 and x.device.type == "cpu":
+        out = torch._weight_int8pack_mm(x.reshape(1, -1), q, scale).reshape(*x.shape[:-1], -1)
+    else:
+        out = dense_linear(x, q.to(x.dtype), None, compiled) * scale
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """Run a linear module of the model on ``x``.
+
+    Plain ``nn.Linear`` and :class:`Int8Linear` use the kernels above; anything else (tensor-parallel
+    DTensor weights with their hooks, patched precision subclasses) runs its own ``forward``.
+    """
+    if type(module) is nn.Linear and _is_plain(module.weight):
+        return dense_linear(x, module.weight, module.bias, compiled)
+    if isinstance(module, Int8Linear):
+        return int8_linear(x, module.weight, module.weight_scale, module.bias, compiled)
+    return module(x)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one fp32 absmax scale per row (per token).
+
+    Same on-disk layout as :class:`Int8Linear` (``weight`` int8 ``[V, H]``, ``weight_scale`` fp32
+    ``[V]``), so a tied LM head can share the table. Only the looked-up rows are dequantized.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32,
+                 padding_idx: int | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.out_dtype = dtype
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.dtype,
+                     embedding.padding_idx, embedding.weight.device)
+        module.weight, module.weight_scale = quantize_weight(embedding.weight)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).to(torch.float32) * F.embedding(ids, self.weight_scale[:, None])
+        return rows.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+def tied_int8_head(embedding: Int8Embedding) -> Int8Linear:
+    """An :class:`Int8Linear` LM head that shares the int8 table and scales of a tied embedding."""
+    head = Int8Linear(embedding.embedding_dim, embedding.num_embeddings, device="meta")
+    head.weight, head.weight_scale = embedding.weight, embedding.weight_scale
+    return head
