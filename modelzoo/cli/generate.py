@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from modelzoo.backends import BackendUnavailableError
-from modelzoo.checkpoint.hf_weights import CheckpointError
 from modelzoo.config import ConfigError, GenerationRunConfig, check_run_config, config_to_dict, load_config
 from modelzoo.config.build import build
 
@@ -42,11 +40,11 @@ FLAG_KEYS = {
     "max_length": "generation.max_length", "dtype": "model.dtype", "backend": "backend",
     "n_chips": "samba_compile.n_chips", "checkpoint": "model.name_or_path",
 }
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
-class UsageError(Exception):
-    """Bad command line; the message is one line."""
+class UsageError(ValueError):
+    """Bad command line; the message is one line (reported by :mod:`modelzoo.cli.errors`)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -309,23 +307,17 @@ def _tp_worker(rank: int, world_size: int, job: Job) -> None:
     run_job(job, rank, world_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from modelzoo.generation.engine import GenerationError
-
-    try:
-        args = _parser().parse_args(argv)
-        cfg = resolve_config(args)
-        prompts = list(args.prompt or [])
-        if args.prompts_file:
-            prompts += read_prompts_file(args.prompts_file)
-        job = Job(cfg, prompts or None, args.tokenizer, args.output_json, interactive=not prompts)
-        tokenizer, _ = preflight(job)
-        n_chips = cfg.samba_compile.n_chips
-        if n_chips == 1:
-            return run_job(job, tokenizer=tokenizer)
-    except (UsageError, ConfigError, CheckpointError, GenerationError, BackendUnavailableError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = resolve_config(args)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    job = Job(cfg, prompts or None, args.tokenizer, args.output_json, interactive=not prompts)
+    tokenizer, _ = preflight(job)  # every user error surfaces here, before weights load or processes start
+    n_chips = cfg.samba_compile.n_chips
+    if n_chips == 1:
+        return run_job(job, tokenizer=tokenizer)
     from torch.multiprocessing import ProcessRaisedException
 
     from modelzoo.parallel.mesh import spawn_cpu
@@ -337,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a tensor-parallel worker failed: {last}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; a user error prints one ``error:`` line and returns 2."""
+    from modelzoo.cli.errors import run_reporting_errors
+
+    return run_reporting_errors(_run, argv)
 
 
 if __name__ == "__main__":

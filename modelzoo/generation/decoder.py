@@ -13,8 +13,9 @@ copies) with the same operations as the HF forward (HF's RMSNorm modules, rotary
 - only the last position's logits are computed;
 - linears go through :mod:`modelzoo.generation.kernels` (see there for why).
 
-Eager (``compiled=False``) attention reads the slots filled so far; compiled, it reads all ``L``
-slots (masked), so one decode graph serves every step.
+Eager (``compiled=False``) attention reads the slots filled so far (``F.scaled_dot_product_attention``);
+compiled, it reads all ``L`` slots (masked), so one decode graph serves every step, and a
+single-token step writes attention out explicitly so inductor fuses it with the rest of the step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .kernels import _realized, apply_linear
+from .kernels import apply_linear, realized
 
 
 @dataclass
@@ -75,9 +76,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
-    q = _realized(q.reshape(batch, kv_heads, heads // kv_heads * seq, dim))          # [B, H_kv, r*S, D]
+    q = realized(q.reshape(batch, kv_heads, heads // kv_heads * seq, dim))          # [B, H_kv, r*S, D]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale                          # [B, H_kv, r*S, L]
-    probs = _realized(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1))
+    probs = realized(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1))
     return torch.matmul(probs, v).reshape(batch, heads, seq, dim)
 
 

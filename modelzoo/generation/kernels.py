@@ -53,16 +53,20 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def _realized(x: torch.Tensor) -> torch.Tensor:
+def realized(x: torch.Tensor) -> torch.Tensor:
     """``x``, stored to memory before it is used (under inductor; a no-op value-wise).
 
     Inductor otherwise inlines the pointwise ops that produce a reduction's input (RMSNorm, SiLU *
     up, rotary) into the reduction loop, recomputing them for every output feature: at batch 8
     that made the LM head compute-bound (13 ms instead of 2). The input is a few KB.
     """
-    import torch._inductor.inductor_prims  # noqa: F401 (registers the op)
+    try:
+        import torch._inductor.inductor_prims  # noqa: F401 (registers the op)
 
-    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+        force = torch.ops.prims.inductor_force_stride_order
+    except (ImportError, AttributeError):  # an internal op: without it, correct but slower at batch > 1
+        return x
+    return force(x, x.stride())
 
 
 def _reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -70,11 +74,11 @@ def _reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Inductor fuses the per-row reductions into one loop over the weight rows, so each weight row is
     read once for all input rows, and an int8 weight is converted in registers. The input rows are
-    stored first (:func:`_realized`). (Written as a single
-    broadcast ``[N, M, K]`` reduction instead, inductor vectorizes along the short M axis and forks
-    threads inside the loop over N: 50x slower at M = 8.)
+    stored first (:func:`realized`). (Written as a single broadcast ``[N, M, K]`` reduction instead,
+    inductor vectorizes along the short M axis and forks threads inside the loop over N: 50x slower
+    at M = 8.)
     """
-    rows = _realized(x.reshape(-1, x.shape[-1]))
+    rows = realized(x.reshape(-1, x.shape[-1]))
     out = torch.stack([(weight * row).sum(-1, dtype=x.dtype) for row in rows.unbind(0)])  # [M, N]
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
