@@ -226,3 +226,28 @@ def test_unavailable_backend_and_real_process_exit_code(ckpt):
                            "--prompt", "hi"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: backend 'cuda' is unavailable")
+
+
+def test_training_run_dir_resolves_to_its_latest_checkpoint(ckpt, tmp_path, capsys):
+    """--checkpoint accepts what training writes: the run dir, its checkpoints dir or ``latest``."""
+    import shutil
+
+    from modelzoo.checkpoint.manager import LATEST, STATE_DIR, TRAINER_STATE, step_dir_name
+
+    save_dir = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        shutil.copytree(ckpt, save_dir / step_dir_name(step))
+        (save_dir / step_dir_name(step) / STATE_DIR).mkdir()
+        (save_dir / step_dir_name(step) / STATE_DIR / TRAINER_STATE).write_text("{}")
+    (save_dir / step_dir_name(1) / "model.safetensors").write_bytes(b"not weights")  # only step 2 loads
+    (save_dir / LATEST).write_text(step_dir_name(2))
+    args = ["--max-new-tokens", 8, "--prompt", PROMPTS[0]]
+    want = _run(capsys, "--checkpoint", ckpt, *args)
+    assert want[0] == 0, want[2]
+    for path in (tmp_path / "run", save_dir, save_dir / LATEST):
+        code, out, err = _run(capsys, "--checkpoint", path, *args)
+        assert code == 0, err
+        assert out == want[1]
+    (save_dir / LATEST).write_text(step_dir_name(1))
+    code, _, err = _run(capsys, "--checkpoint", save_dir, *args)
+    assert code == 2 and "model.safetensors" in err

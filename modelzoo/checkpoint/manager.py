@@ -79,6 +79,20 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The HF model dir a user means by ``path``: a ``latest`` pointer file, or a training run's
+    checkpoints dir (or the run dir holding ``checkpoints/``), resolve to the newest checkpoint;
+    any other path is returned as it is."""
+    path = Path(path)
+    if path.name == LATEST and path.is_file():
+        return latest_checkpoint(path.parent)
+    if path.is_dir() and not (path / "config.json").is_file():
+        for save_dir in (path, path / "checkpoints"):
+            if (save_dir / LATEST).is_file():
+                return latest_checkpoint(save_dir)
+    return path
+
+
 def tmp_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f".tmp-{step_dir_name(step)}"
 

@@ -1,7 +1,7 @@
 """``modelzoo-generate`` / ``run_generation.py``: generate text from an HF checkpoint (or a preset).
 
 examples:
-  modelzoo-generate --checkpoint runs/llama_tiny/checkpoints/step_200 --prompt "Once upon a time"
+  modelzoo-generate --checkpoint runs/llama_tiny/checkpoints/latest --prompt "The capital of France is"
   modelzoo-generate --checkpoint DIR --prompts-file prompts.jsonl --batch-size 8 --output-json out.json
   modelzoo-generate --checkpoint DIR --temperature 0.8 --top-p 0.9 --seed 1 --stream --prompt "Hi"
   modelzoo-generate --checkpoint DIR --quantize int8 --backend inductor --prompt "Hi"
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from modelzoo.checkpoint.manager import resolve_model_dir
 from modelzoo.config import ConfigError, GenerationRunConfig, check_run_config, config_to_dict, load_config
 from modelzoo.config.build import build
 
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modelzoo-generate", description=doc[0], epilog=doc[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama_tiny", help="YAML path or bare name from configs/generation/")
-    p.add_argument("--checkpoint", help="HF checkpoint dir (float or pre-quantized int8) or a preset name")
+    p.add_argument("--checkpoint", help="HF checkpoint dir (float or pre-quantized int8), a training run's dir "
+                   "(its newest checkpoint), or a preset name (random weights)")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the checkpoint dir)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="JSON lines file: {\"prompt\": \"...\"} per line")
@@ -105,6 +107,10 @@ def resolve_config(args: argparse.Namespace) -> GenerationRunConfig:
     for dest, value in given.items():
         section, _, key = FLAG_KEYS[dest].rpartition(".")
         (data[section] if section else data)[key] = value
+    for section, key in (("checkpoint", "load_path"), ("model", "name_or_path")):
+        # a training run's dir, its checkpoints dir or its ``latest`` file mean the newest checkpoint
+        if data[section].get(key) and Path(data[section][key]).exists():
+            data[section][key] = str(resolve_model_dir(data[section][key]))
     flag_of = {FLAG_KEYS[d]: "--" + d.replace("_", "-") for d in given}
     try:
         cfg = build(GenerationRunConfig, data)
