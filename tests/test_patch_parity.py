@@ -174,6 +174,30 @@ def test_loss_equals_hand_computed_weighted_mean():
     assert_close(out.loss.double(), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("preset", "plw"), [("llama2_tiny", 0.0), ("llama3_2_tiny", 0.25)])
+def test_loss_only_path_equals_full_logits(preset, plw):
+    """``return_logits=False`` (training) runs the LM head only where a target has weight > 0: the
+    same loss, per-token losses and gradients as the full-logits forward (tied head included)."""
+    _, full = stock_and_patched(preset, LlamaPatchSettings(prompt_loss_weight=plw))
+    lean = copy.deepcopy(full)
+    arts, types = _packed_batch(full.config.vocab_size, [13, 21, 9])
+    ids = torch.cat(arts + [torch.zeros(5, dtype=torch.long)])[None].repeat(2, 1)
+    tts = torch.cat(types + [torch.full((5,), 2)])[None].repeat(2, 1)
+    tts[1, :13] = 1  # the second row's first article is all completion
+    a = full(ids, token_type_ids=tts)
+    b = lean(ids, token_type_ids=tts, return_logits=False)
+    assert b.logits is None and a.logits is not None
+    assert (a.loss_weight == 0).sum() > 0  # some positions were skipped
+    assert_close(b.loss_weight, a.loss_weight, atol=0, rtol=0)
+    assert_close(b.token_loss, a.token_loss, **FP32)
+    assert_close(b.loss, a.loss, **FP32)
+    (a.token_loss * a.loss_weight).sum().backward()
+    (b.token_loss * b.loss_weight).sum().backward()
+    grads = {n: p.grad for n, p in full.named_parameters()}
+    for name, param in lean.named_parameters():
+        assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_labels_without_token_types_match_hf_loss():
     stock, patched = stock_and_patched("llama3_tiny")
     ids = _ids(stock.config.vocab_size)

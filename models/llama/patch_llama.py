@@ -19,7 +19,9 @@ Patches (names as used in ``patches=[...]`` and ``MODELZOO_PATCHES``):
     ``forward(..., token_type_ids=...)`` returns the loss of the DESIGN.md contract: per-token
     cross-entropy on ``input_ids`` shifted by one, weighted 1 for completion/separator targets,
     ``prompt_loss_weight`` for prompt targets, 0 for padding and article-crossing targets,
-    normalised by the weight sum. Per-token losses and weights are returned too.
+    normalised by the weight sum. Per-token losses and weights are returned too. With
+    ``return_logits=False`` (what training uses) the LM head and cross-entropy run only at
+    positions whose target has a nonzero weight, and ``logits`` is ``None``.
 ``fp32_ln``
     RMSNorm computed entirely in fp32 (including the weight multiply), cast back once at the end.
 ``fp32_logits``
@@ -268,7 +270,7 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                token_type_ids=None, article_ids=None, **kwargs):
+                token_type_ids=None, article_ids=None, return_logits=True, **kwargs):
         enabled = self._modelzoo_patches
         if article_ids is None and token_type_ids is not None:
             article_ids = article_ids_from_token_types(token_type_ids)
@@ -282,15 +284,17 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
             if position_ids is None:
                 position_ids = positions_from_article_ids(article_ids)
         weighted = "weighted_loss" in enabled and (token_type_ids is not None or labels is not None)
-        outputs = super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-            labels=None if weighted else labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
         if not weighted:
-            return outputs
-        logits = outputs.logits
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            )
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
         if token_type_ids is not None:
             weights = loss_weights_from_token_types(
                 token_type_ids, self._modelzoo_settings.prompt_loss_weight, article_ids
@@ -301,12 +305,28 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
         else:
             targets = labels[:, 1:]
             weights = (targets != -100).to(torch.float32)
-        loss, token_loss = weighted_cross_entropy(logits, targets, weights)
+        if return_logits or torch.compiler.is_compiling():
+            logits = self.lm_head(hidden)
+            loss, token_loss = weighted_cross_entropy(logits, targets, weights)
+        else:
+            logits = None
+            loss, token_loss = self._weighted_targets_loss(hidden, targets, weights)
         return ModelzooCausalLMOutput(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             token_loss=token_loss, loss_weight=weights,
         )
+
+    def _weighted_targets_loss(self, hidden, targets, weights):
+        """The loss with the LM head run only at positions whose target has a nonzero weight (the
+        others add exactly 0 to the loss and its gradient). The number of such positions depends
+        on the data, so this eager-only path is skipped under ``torch.compile``."""
+        keep = weights > 0
+        kept_weights = weights[keep]
+        _, kept_loss = weighted_cross_entropy(self.lm_head(hidden[:, :-1][keep]), targets[keep], kept_weights)
+        loss = (kept_loss * kept_weights).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        token_loss = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
+        return loss, token_loss.masked_scatter(keep, kept_loss)
 
 
 # ----------------------------------------------------------------------------------------------

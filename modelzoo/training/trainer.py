@@ -184,7 +184,7 @@ class Trainer:
         weight_sum = _all_reduce(weight_sum.clone(), self.dist.dp_group()).clamp_min(1e-12)
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
-            out = self.forward(**batch)
+            out = self.forward(**batch, return_logits=False)
             local = (out.token_loss * out.loss_weight).sum()
             (local * self.grad_scale / weight_sum).backward()
             loss_sum += local.detach()
@@ -234,7 +234,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         weight_sum = torch.zeros((), device=self.device)
         for batch in self.dev_loader.epoch_batches():
-            out = self.forward(**{k: v.to(self.device) for k, v in batch.items()})
+            out = self.forward(**{k: v.to(self.device) for k, v in batch.items()}, return_logits=False)
             loss_sum += (out.token_loss * out.loss_weight).sum()
             weight_sum += out.loss_weight.sum()
         self.model.train()
