@@ -300,6 +300,7 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, out: TextIO | None = N
     else:
         serve(job.prompts, stream=gen.stream)
     if main_rank:
+        out.flush()  # the completions before the summary, also when stdout and stderr share a terminal
         print(generator.telemetry.line(), file=err)
         if job.output_json:
             payload = {"config": config_to_dict(cfg), "completions": [c.to_dict() for c in completions],
