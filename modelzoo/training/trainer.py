@@ -137,7 +137,9 @@ class Trainer:
             self.grad_scale = float(self.dist.dp_world)
         self.forward = self.model
         if self.cfg.backend == "inductor":
-            self.forward = torch.compile(self.model, dynamic=False)
+            # The decoder body is compiled in place (same module, same state_dict keys); the LM head
+            # and loss stay eager so they run only at targets of nonzero weight (data-dependent count).
+            self.model.model.compile(dynamic=False)
         self.tokenizer_dir = self._tokenizer_dir(source)
 
     def _apply_fsdp(self) -> None:
