@@ -56,6 +56,32 @@ def test_reads_what_the_pipeline_writes(dataset):
     )
 
 
+def test_lazy_reader_equals_whole_split_and_shares_its_checks(dataset, tmp_path):
+    """``reader`` (training) and ``load`` (tools) give the same rows and refuse the same bad file."""
+    import shutil
+
+    ds = HDF5DatasetDir(dataset, max_seq_length=24)
+    whole = ds.load("train")
+    with ds.reader("train") as reader:
+        assert len(reader) == len(whole) and reader.seq_len == 24
+        picks = np.array([len(whole) - 1, 0, 5, len(whole) // 2, 5])  # across files, any order, repeats
+        rows = reader.rows(picks)
+    assert rows["input_ids"].dtype == torch.int64
+    assert (rows["input_ids"].numpy() == whole.input_ids[picks]).all()
+    assert (rows["token_type_ids"].numpy() == whole.token_type_ids[picks]).all()
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    with h5py.File(copy / "train_2_of_3.hdf5", "a") as f:
+        narrow = f["token_type_ids"][:, :20]
+        del f["token_type_ids"]
+        f["token_type_ids"] = narrow
+    bad = HDF5DatasetDir(copy, check_manifest_sizes=False)
+    for read in (lambda: bad.load("train"), lambda: bad.reader("train")):
+        with pytest.raises(DatasetError, match=r"train_2_of_3.hdf5: 'token_type_ids' is int32 \(\d+, 20\)"):
+            read()
+
+
 def test_max_seq_length_mismatch_is_explained(dataset):
     with pytest.raises(
         DatasetError, match=r"max_seq_length is 24 but 256 was asked for; set training.max_seq_length=24"

@@ -8,8 +8,9 @@
 
 Datasets made by modelzoo-data-prep and by SambaNova's generative_data_prep both load: int32
 ``input_ids`` / ``token_type_ids`` of shape ``[num_sequences, max_seq_length]`` in
-``train_{i}_of_{N}.hdf5`` / ``dev_{i}_of_{M}.hdf5``, with ``metadata.yaml``. A split is read whole
-into memory (int32 numpy), files in index order.
+``train_{i}_of_{N}.hdf5`` / ``dev_{i}_of_{M}.hdf5``, with ``metadata.yaml``. ``ds.reader(split)``
+reads rows lazily (what training uses); ``ds.load(split)`` / ``ds.dataset(split)`` read the split
+whole into memory (int32 numpy), files in index order; both go through the same file checks.
 """
 
 from __future__ import annotations
@@ -110,41 +111,102 @@ class HDF5DatasetDir:
             raise DatasetError(f"unknown split '{split}'; one of: {', '.join(self._files)}")
         return list(self._files[split])
 
+    def reader(self, split: str = "train") -> SplitReader:
+        """Lazy row access to the split (files in index order), every file checked on open."""
+        return SplitReader(self.files(split), self.max_seq_length)
+
     def load(self, split: str = "train") -> SplitArrays:
         """The split's sequences, files concatenated in index order: int32 ``[N, L]`` each."""
-        import h5py
-
-        parts = {name: [] for name in DATASET_NAMES}
-        for path in self.files(split):
-            with h5py.File(path, "r") as f:
-                shapes = set()
-                for name in DATASET_NAMES:
-                    if name not in f:
-                        raise DatasetError(f"{path}: no '{name}' dataset (not a packed data-prep file)")
-                    ds = f[name]
-                    if (
-                        ds.ndim != 2
-                        or ds.shape[1] != self.max_seq_length
-                        or not np.issubdtype(ds.dtype, np.integer)
-                    ):
-                        raise DatasetError(
-                            f"{path}: '{name}' is {ds.dtype} {ds.shape}; expected int32 [num_sequences, "
-                            f"{self.max_seq_length}] (max_seq_length of metadata.yaml)"
-                        )
-                    shapes.add(ds.shape)
-                    parts[name].append(np.asarray(ds[...], dtype=np.int32))
-                if len(shapes) != 1:
-                    raise DatasetError(
-                        f"{path}: input_ids and token_type_ids differ in shape: {sorted(shapes)}"
-                    )
-        if not parts["input_ids"]:
-            empty = np.zeros((0, self.max_seq_length), dtype=np.int32)
-            return SplitArrays(empty, empty.copy())
-        return SplitArrays(*(np.concatenate(parts[name]) for name in DATASET_NAMES))
+        with self.reader(split) as reader:
+            return reader.read_all()
 
     def dataset(self, split: str = "train") -> PackedSequenceDataset:
         arrays = self.load(split)
         return PackedSequenceDataset(arrays.input_ids, arrays.token_type_ids)
+
+
+class SplitReader:
+    """Random row access across the ``{split}_{i}_of_{N}.hdf5`` files of one split, read lazily
+    (memory does not grow with the data). Each file is checked on open: both datasets present,
+    integer, equal 2-D shapes, ``max_seq_length`` wide (when given; else the files must agree)."""
+
+    def __init__(self, files: list[Path], max_seq_length: int | None = None) -> None:
+        import h5py
+
+        self.files = list(files)
+        self.handles, sizes, widths = [], [], set()
+        try:
+            for path in self.files:
+                try:
+                    handle = h5py.File(path, "r")
+                except OSError as err:
+                    raise DatasetError(f"{path}: not a readable dataset file ({err}); re-run data prep") from err
+                self.handles.append(handle)
+                shape = _check_datasets(path, handle, max_seq_length)
+                sizes.append(shape[0])
+                widths.add(shape[1])
+            if len(widths) > 1:
+                raise DatasetError(f"{self.files[0].parent}: files disagree on max_seq_length ({sorted(widths)}); "
+                                   "re-run data prep")
+        except DatasetError:
+            self.close()
+            raise
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.seq_len = widths.pop() if widths else (max_seq_length or 0)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __enter__(self) -> SplitReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+        self.handles = []
+
+    def rows(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` (any order) as int64 ``[len(indices), seq_len]`` tensors."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out_ids = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        out_types = np.empty_like(out_ids)
+        file_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        for f in np.unique(file_of):
+            sel = np.nonzero(file_of == f)[0]
+            rows, where = np.unique(indices[sel] - self.offsets[f], return_inverse=True)  # h5py: increasing
+            handle = self.handles[f]
+            out_ids[sel] = handle["input_ids"][rows][where]
+            out_types[sel] = handle["token_type_ids"][rows][where]
+        return {"input_ids": torch.from_numpy(out_ids), "token_type_ids": torch.from_numpy(out_types)}
+
+    def read_all(self) -> SplitArrays:
+        """Every row, files concatenated in order, as int32 arrays."""
+        parts = {name: [np.asarray(h[name][...], dtype=np.int32) for h in self.handles] for name in DATASET_NAMES}
+        if not self.handles:
+            empty = np.zeros((0, self.seq_len), dtype=np.int32)
+            return SplitArrays(empty, empty.copy())
+        return SplitArrays(*(np.concatenate(parts[name]) for name in DATASET_NAMES))
+
+
+def _check_datasets(path: Path, handle, max_seq_length: int | None) -> tuple[int, int]:
+    """The ``[num_sequences, width]`` shape both datasets of one data file share, or a DatasetError."""
+    shapes = set()
+    for name in DATASET_NAMES:
+        if name not in handle:
+            raise DatasetError(f"{path}: no '{name}' dataset (not a packed data-prep file); re-run data prep")
+        ds = handle[name]
+        width = max_seq_length if max_seq_length is not None else (ds.shape[1] if ds.ndim == 2 else None)
+        if ds.ndim != 2 or ds.shape[1] != width or not np.issubdtype(ds.dtype, np.integer):
+            raise DatasetError(
+                f"{path}: '{name}' is {ds.dtype} {ds.shape}; expected int32 [num_sequences, {width or 'L'}] "
+                "(max_seq_length of metadata.yaml); re-run data prep")
+        shapes.add(ds.shape)
+    if len(shapes) != 1:
+        raise DatasetError(f"{path}: input_ids and token_type_ids differ in shape: {sorted(shapes)}; re-run data prep")
+    return shapes.pop()
 
 
 def _read_metadata(path: Path) -> dict:

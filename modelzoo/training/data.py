@@ -1,7 +1,8 @@
 """Training batches from an HDF5 dataset dir: DP-sharded, seeded per-epoch order, resumable.
 
 The dataset dir is validated by ``modelzoo.data.hdf5_reader.HDF5DatasetDir`` (metadata, file set,
-manifest); rows are then read lazily from the HDF5 files, so memory does not grow with the data.
+manifest) and its ``SplitReader`` (each file); rows are read lazily, so memory does not grow with
+the data.
 Order: ``ShardedSampler.epoch_indices`` (seeded permutation per epoch, rank r takes positions
 r, r + dp_world, ...); micro-step k takes the rank's next ``batch_size`` indices, so the union over
 DP ranks is exactly the k-th batch of ``batch_size * dp_world`` a single process would take.
@@ -13,55 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 
-from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir, ShardedSampler
+from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir, ShardedSampler, SplitReader
 
 __all__ = ["DatasetError", "ShardedLoader", "SplitReader", "open_training_data"]
-
-
-class SplitReader:
-    """Random row access across the ``{split}_{i}_of_{N}.hdf5`` files of one split."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
-        self.handles, sizes = [], []
-        for path in files:
-            try:
-                handle = h5py.File(path, "r")
-                ids, types = handle["input_ids"], handle["token_type_ids"]
-            except (OSError, KeyError) as err:
-                raise DatasetError(f"{path}: not a readable dataset file ({err}); re-run data prep") from err
-            if ids.shape != types.shape or ids.ndim != 2:
-                raise DatasetError(f"{path}: input_ids {ids.shape} and token_type_ids {types.shape} must be "
-                                   "equal 2-D shapes [num_sequences, max_seq_length]; re-run data prep")
-            self.handles.append(handle)
-            sizes.append(ids.shape[0])
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        widths = {h["input_ids"].shape[1] for h in self.handles}
-        if len(widths) > 1:
-            raise DatasetError(f"{files[0].parent}: files disagree on max_seq_length ({sorted(widths)})")
-        self.seq_len = widths.pop() if widths else 0
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def rows(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` (any order) as int64 ``[len(indices), seq_len]`` tensors."""
-        out_ids = np.empty((len(indices), self.seq_len), dtype=np.int64)
-        out_types = np.empty_like(out_ids)
-        file_of = np.searchsorted(self.offsets, indices, side="right") - 1
-        for f in np.unique(file_of):
-            sel = np.nonzero(file_of == f)[0]
-            local = indices[sel] - self.offsets[f]
-            order = np.argsort(local)
-            rows = local[order]  # h5py reads increasing indices
-            handle = self.handles[f]
-            out_ids[sel[order]] = handle["input_ids"][rows]
-            out_types[sel[order]] = handle["token_type_ids"][rows]
-        return {"input_ids": torch.from_numpy(out_ids), "token_type_ids": torch.from_numpy(out_types)}
 
 
 @dataclass
@@ -131,9 +88,5 @@ def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size:
         raise DatasetError(f"data_parallel.world_size={dp_world} exceeds the {len(train_files)} training files "
                            f"of {root}; re-run data prep with --num_training_splits >= {dp_world} "
                            "or lower data_parallel.world_size")
-    train = SplitReader(train_files)
-    if train.seq_len != max_seq_length:
-        raise DatasetError(f"{train_files[0]}: sequences are {train.seq_len} tokens but training.max_seq_length "
-                           f"is {max_seq_length}; set training.max_seq_length={train.seq_len}")
-    dev_files = dataset.files("dev")
-    return train, (SplitReader(dev_files) if dev_files else None), meta
+    train = dataset.reader("train")  # files narrower or wider than max_seq_length are refused here
+    return train, (dataset.reader("dev") if dataset.files("dev") else None), meta
