@@ -68,19 +68,21 @@ class RunResult:
 
 
 # -- the two jobs ------------------------------------------------------------------------------
+def _open_job(opts: PrepOptions, is_dir: bool):
+    """The tokenizer, its spec and the atomic output (never the input or the tokenizer) of a job."""
+    tok = load_tokenizer(opts.pretrained_tokenizer)
+    spec = tokenizer_spec(tok, opts.apply_chat_template)
+    out = AtomicOutput(opts.output_path, opts.overwrite_output_path, is_dir=is_dir,
+                       protected=[Path(opts.input_path), Path(opts.pretrained_tokenizer)])
+    return tok, spec, out
+
+
 def run_pipeline(opts: PrepOptions) -> RunResult:
     """Input file/dir -> dataset dir (train/dev HDF5, test jsonl, tokenizer, metadata, manifest)."""
     start = time.perf_counter()
     opts.validate()
     files = resolve_inputs(opts.input_path)
-    tok = load_tokenizer(opts.pretrained_tokenizer)
-    spec = tokenizer_spec(tok, opts.apply_chat_template)
-    out = AtomicOutput(
-        opts.output_path,
-        opts.overwrite_output_path,
-        is_dir=True,
-        protected=[Path(opts.input_path), Path(opts.pretrained_tokenizer)],
-    )
+    tok, spec, out = _open_job(opts, is_dir=True)
     try:
         result = _build_dataset(opts, files, tok, spec, out, start)
         out.commit()
@@ -99,14 +101,7 @@ def run_data_prep(opts: PrepOptions) -> RunResult:
         raise DataPrepError(
             f"data_prep takes one input file, got the directory {opts.input_path}; use pipeline"
         )
-    tok = load_tokenizer(opts.pretrained_tokenizer)
-    spec = tokenizer_spec(tok, opts.apply_chat_template)
-    out = AtomicOutput(
-        opts.output_path,
-        opts.overwrite_output_path,
-        is_dir=False,
-        protected=[Path(opts.input_path), Path(opts.pretrained_tokenizer)],
-    )
+    _, spec, out = _open_job(opts, is_dir=False)
     bad_log = Path(f"{opts.output_path}.{BAD_LINES_LOG}")  # beside the file: data_prep has no dir
     try:
         run = TokenizePack(opts, files, spec, out.work_dir, bad_log_dir=out.work_dir)
