@@ -68,8 +68,10 @@ def make_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
 
 
 def make_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, sample_bytes: int = 5_000_000) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
+
+    from modelzoo.data_prep.tokenizer_io import train_byte_level_bpe
 
     texts, n = [], 0
     for prompt, completion in iter_texts(corpus):
@@ -77,16 +79,7 @@ def make_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, sample_bytes
         n += len(prompt) + len(completion)
         if n > sample_bytes:
             break
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(texts, trainer)
+    tk = train_byte_level_bpe(texts, vocab_size, ["<pad>", "<s>", "</s>"])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>"

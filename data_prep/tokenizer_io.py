@@ -140,3 +140,21 @@ def model_type_string(path: str) -> str:
         except (OSError, ValueError, ImportError):
             pass
     return LLAMA_CONFIG_TYPE
+
+
+def train_byte_level_bpe(texts, vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` (an iterable of strings).
+
+    ``special_tokens`` take ids 0, 1, ... in order, then the 256 byte symbols, then the merges.
+    No post-processor is set: the caller decides whether BOS/EOS are added. Used for the bundled
+    sample tokenizer, the benchmarks and the tests (nothing is downloaded).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok

@@ -36,19 +36,12 @@ def corpus_lines(n: int = 400, seed: int = 0) -> list[str]:
 def _train_bpe(
     out: Path, *, bos: bool, eos: bool, pad: bool, eos_token: bool = True, chat: bool = True
 ) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=360,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(corpus_lines(), trainer)
+    from modelzoo.data_prep.tokenizer_io import train_byte_level_bpe
+
+    tk = train_byte_level_bpe(corpus_lines(), 360, ["<pad>", "<s>", "</s>"])
     single = ("<s> " if bos else "") + "$A" + (" </s>" if eos else "")
     tk.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
     kwargs = {"bos_token": "<s>"}

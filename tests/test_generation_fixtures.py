@@ -26,15 +26,12 @@ def corpus(n: int = 300, seed: int = 0) -> list[str]:
 
 def train_tokenizer(out: Path, vocab_size: int = 300, chat: bool = True):
     """Byte-level BPE with ``<unk>``=0, ``<s>``=1 (prepended), ``</s>``=2, as Llama configs expect."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(corpus(), trainer)
+    from modelzoo.data_prep.tokenizer_io import train_byte_level_bpe
+
+    tk = train_byte_level_bpe(corpus(), vocab_size, ["<unk>", "<s>", "</s>"])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     if chat:

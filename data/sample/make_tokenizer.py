@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
+
+from modelzoo.data_prep.tokenizer_io import train_byte_level_bpe
 
 HERE = Path(__file__).parent
 VOCAB_SIZE = 384
@@ -33,16 +35,7 @@ def texts(path: Path):
 
 
 def main(corpus: Path = HERE / "sample.jsonl", out: Path = HERE / "tokenizer") -> None:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts(corpus), trainer)
+    tok = train_byte_level_bpe(texts(corpus), VOCAB_SIZE, ["<pad>", "<s>", "</s>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
