@@ -248,20 +248,7 @@ def test_data_prep_never_overwrites_its_input(capsys, tmp_path, llama_like_tok):
 def test_data_prep_bad_lines_log_beside_the_file(capsys, tmp_path, llama_like_tok):
     inp = lines_file(tmp_path, [json.dumps(r).encode() for r in GOOD] + [b"{broken"])
     out = tmp_path / "one.hdf5"
-    args = [
-        "data_prep",
-        "--input_path",
-        str(inp),
-        "--output_path",
-        str(out),
-        "--pretrained_tokenizer",
-        str(llama_like_tok),
-        "--num_workers",
-        "0",
-        "--ignore_input_format_error",
-        "--max_seq_length",
-        "32",
-    ]
+    args = prep_args(inp, out, llama_like_tok, "--ignore_input_format_error", L=32, command="data_prep")
     assert main(args) == 0
     log = (tmp_path / "one.hdf5.json_load_failed_lines.log").read_text()
     assert log.startswith(f"{inp}:21: malformed JSON") and out.is_file() and leftovers(tmp_path) == []

@@ -126,9 +126,10 @@ def read_split(dataset_dir: Path, split: str = "train") -> tuple[np.ndarray, np.
     return np.concatenate(ids), np.concatenate(types)
 
 
-def prep_args(inp: Path, out: Path, tok: Path, *extra: str, L: int = 32, workers: int = 0) -> list[str]:
+def prep_args(inp: Path, out: Path, tok: Path, *extra: str, L: int = 32, workers: int = 0,
+              command: str = "pipeline") -> list[str]:
     return [
-        "pipeline",
+        command,
         "--input_path",
         str(inp),
         "--output_path",

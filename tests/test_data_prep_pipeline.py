@@ -226,21 +226,7 @@ def test_data_prep_subcommand_writes_one_file(tmp_path, llama_like_tok):
     inp = write_jsonl(tmp_path / "in.jsonl", numbered_articles(50))
     ds = _run(tmp_path, llama_like_tok, "ds", "--num_training_splits", "1", inp=inp)
     out = tmp_path / "one.hdf5"
-    args = [
-        "data_prep",
-        "--input_path",
-        str(inp),
-        "--output_path",
-        str(out),
-        "--pretrained_tokenizer",
-        str(llama_like_tok),
-        "--max_seq_length",
-        "16",
-        "--input_packing_config",
-        "single::drop",
-        "--num_workers",
-        "0",
-    ]
+    args = prep_args(inp, out, llama_like_tok, "--input_packing_config", "single::drop", L=16, command="data_prep")
     assert main(args) == 0
     with h5py.File(out) as f:
         ids, types = f["input_ids"][...], f["token_type_ids"][...]
