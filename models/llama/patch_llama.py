@@ -321,10 +321,8 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
         """The loss with the LM head run only at positions whose target has a nonzero weight (the
         others add exactly 0 to the loss and its gradient). The number of such positions depends
         on the data, so this eager-only path is skipped under ``torch.compile``."""
-        keep = weights > 0
-        kept_weights = weights[keep]
-        _, kept_loss = weighted_cross_entropy(self.lm_head(hidden[:, :-1][keep]), targets[keep], kept_weights)
-        loss = (kept_loss * kept_weights).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        keep = weights > 0  # the weight sum is the same over the kept targets
+        loss, kept_loss = weighted_cross_entropy(self.lm_head(hidden[:, :-1][keep]), targets[keep], weights[keep])
         token_loss = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
         return loss, token_loss.masked_scatter(keep, kept_loss)
 

@@ -184,10 +184,10 @@ class SplitReader:
 
     def read_all(self) -> SplitArrays:
         """Every row, files concatenated in order, as int32 arrays."""
-        parts = {name: [np.asarray(h[name][...], dtype=np.int32) for h in self.handles] for name in DATASET_NAMES}
         if not self.handles:
             empty = np.zeros((0, self.seq_len), dtype=np.int32)
             return SplitArrays(empty, empty.copy())
+        parts = {name: [np.asarray(h[name][...], dtype=np.int32) for h in self.handles] for name in DATASET_NAMES}
         return SplitArrays(*(np.concatenate(parts[name]) for name in DATASET_NAMES))
 
 
