@@ -1,21 +1,23 @@
-"""Write HF model directories: streamed, sharded safetensors with an index, written atomically.
+"""Write HF model directories: streamed, sharded safetensors with an index, tokenizer files.
 
-The directory opens with ``transformers.AutoModelForCausalLM.from_pretrained`` unchanged.
+The directory opens with ``transformers.AutoModelForCausalLM.from_pretrained`` unchanged; it is
+written into a scratch dir that :mod:`modelzoo.checkpoint.atomic` publishes.
 Shards are filled in iteration order up to ``max_shard_bytes``; one tensor is held at a time
 beyond the shard being filled.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .hf_files import add_v4_config_fields
 from .hf_weights import SAFE_INDEX, SAFE_SINGLE
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -58,45 +60,26 @@ def write_safetensors_shards(out_dir: Path, tensors: Iterable[tuple[str, torch.T
     return names
 
 
-def save_hf_dir(out_dir: str | Path, config, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                generation_config=None, tokenizer_dir: str | Path | None = None,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a complete HF model dir at ``out_dir`` atomically (temp dir, then rename).
+def write_hf_dir(out_dir: str | Path, config, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                 generation_config=None, tokenizer_files: dict[str, bytes] | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write an HF model dir into the existing (scratch) dir ``out_dir``; the caller publishes it.
 
     Args:
-        config: a ``PretrainedConfig``; saved as ``config.json``.
+        config: a ``PretrainedConfig``; saved as ``config.json`` with ``architectures`` set (llama.cpp's
+            converter, vLLM and other loaders need it) and the transformers 4.x fields
+            (:func:`~modelzoo.checkpoint.hf_files.add_v4_config_fields`).
         tensors: ``(name, tensor)`` in HF naming; tied duplicates must already be left out.
-        tokenizer_dir: a dir whose tokenizer files are copied in (``save_pretrained`` output).
-        extra_files: ``{relative name: text}`` written alongside.
-    An existing ``out_dir`` is replaced only after the new one is complete.
+        tokenizer_files: ``{name: bytes}`` from :func:`~modelzoo.checkpoint.hf_files.read_tokenizer_files`.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    config.save_pretrained(tmp)
+    config = copy.copy(config)
+    config.architectures = list(config.architectures or ["LlamaForCausalLM"])
+    config.save_pretrained(out_dir)
+    add_v4_config_fields(out_dir / "config.json")
     if generation_config is not None:
-        generation_config.save_pretrained(tmp)
-    write_safetensors_shards(tmp, tensors, max_shard_bytes)
-    if tokenizer_dir is not None:
-        for item in Path(tokenizer_dir).iterdir():
-            if item.is_file() and item.name not in ("config.json", "generation_config.json"):
-                shutil.copy2(item, tmp / item.name)
-    for rel, text in (extra_files or {}).items():
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / rel).write_text(text)
-    replace_dir(tmp, out_dir)
+        generation_config.save_pretrained(out_dir)
+    write_safetensors_shards(out_dir, tensors, max_shard_bytes)
+    for name, data in (tokenizer_files or {}).items():
+        (out_dir / name).write_bytes(data)
     return out_dir
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and removed after."""
-    old = target.parent / f".old-{target.name}"
-    if target.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)

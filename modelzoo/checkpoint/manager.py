@@ -11,8 +11,13 @@ Layout of ``checkpoint.save_dir``::
         config.yaml           the resolved run config
     latest                    name of the newest complete checkpoint
 
-A checkpoint is written under ``.tmp-step_...`` and renamed when every rank has finished, so a
-crash mid-save leaves the previous checkpoint (and ``latest``) intact.
+A checkpoint is written into owned scratch (``.step_....tmp-PID-hex``, see
+:mod:`modelzoo.checkpoint.atomic`), gets its ``.modelzoo-output.json`` marker, is fsynced and renamed
+when every rank has finished, and only then does ``latest`` move: a kill at any moment leaves the
+previous checkpoint (and ``latest``) intact. Pruning renames a checkpoint to scratch before deleting
+it, so no half-deleted checkpoint ever keeps its name. The next run removes the scratch a killed run
+left (:func:`prepare_save_dir`). Only checkpoints whose marker lists exactly their files are ever
+replaced or deleted.
 """
 
 from __future__ import annotations
@@ -21,19 +26,30 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .hf_save import replace_dir
+from .atomic import (
+    check_replaceable,
+    clean_debris,
+    fsync_dir,
+    fsync_tree,
+    make_scratch,
+    marker_proof,
+    publish,
+    remove_tree,
+    write_output_marker,
+)
 from .hf_weights import CheckpointError
 
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+KIND = "training-checkpoint"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+_SCRATCH_RE = re.compile(r"^\.step_\d{8}\.[a-z]+-\d+-[0-9a-f]{8}$")
 
 
 def step_dir_name(step: int) -> str:
@@ -68,10 +84,13 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` points to (None when there is none)."""
+    """The checkpoint ``latest`` points to; without ``latest`` (a run killed between renaming its
+    first checkpoint into place and writing the pointer), the newest complete checkpoint of ours;
+    None when there is none."""
     pointer = Path(save_dir) / LATEST
     if not pointer.is_file():
-        return None
+        complete = [p for p in list_checkpoints(save_dir) if is_ours(p) is None]
+        return complete[-1] if complete else None
     path = Path(save_dir) / pointer.read_text().strip()
     if not (path / STATE_DIR / TRAINER_STATE).is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
@@ -93,22 +112,83 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
-def tmp_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / f".tmp-{step_dir_name(step)}"
+def is_ours(checkpoint: Path) -> str | None:
+    """None when ``checkpoint`` is a checkpoint this tool wrote (its marker lists exactly its files)."""
+    return marker_proof(KIND)(Path(checkpoint))
 
 
-def finalize(save_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Rank 0, after every rank wrote into the temp dir: rename, move ``latest``, prune old ones."""
+def prepare_save_dir(save_dir: str | Path, *, resume: bool, overwrite: bool, keep_last: int = 0,
+                     dry_run: bool = False) -> list[str]:
+    """Rank 0, before training: remove what killed runs left, and make sure a fresh run loses nothing.
+
+    A fresh run (not ``resume``) into a save_dir that already holds checkpoints is refused, unless
+    ``overwrite``: then those checkpoints are deleted, each only if provably ours. A resumed run
+    finishes the pruning a killed run may not have done (``keep_last`` up to ``latest``). Returns
+    lines to print; ``dry_run`` only checks (the launcher's preflight)."""
+    save_dir = Path(save_dir)
+    notes = []
+    if not save_dir.is_dir():
+        return notes
+    if not dry_run:
+        debris = [p for p in save_dir.iterdir() if _SCRATCH_RE.match(p.name)]
+        for path in clean_debris(save_dir / LATEST, extra=debris):
+            notes.append(f"removed {path}, left by an interrupted save")
+    existing = list_checkpoints(save_dir)
+    if resume:
+        if not dry_run:
+            _prune(save_dir, keep_last)
+        return notes
+    if not (existing or (save_dir / LATEST).exists()):
+        return notes
+    where = f"checkpoint.save_dir {save_dir}"
+    if not overwrite:
+        names = ", ".join(p.name for p in existing[-3:]) or LATEST
+        raise CheckpointError(f"{where} already holds checkpoints of an earlier run ({names}); set "
+                              "checkpoint.resume=true to continue it, checkpoint.overwrite=true to replace "
+                              "them, or choose another checkpoint.save_dir")
+    for path in existing:
+        check_replaceable(path, marker_proof(KIND), what=f"{where}: checkpoint", error=CheckpointError)
+    if not dry_run:
+        for path in existing:
+            remove_tree(path)
+        (save_dir / LATEST).unlink(missing_ok=True)
+        notes.append(f"checkpoint.overwrite: removed {len(existing)} checkpoint(s) of an earlier run from {save_dir}")
+    return notes
+
+
+def begin(save_dir: str | Path, step: int) -> Path:
+    """Rank 0: the owned scratch dir that checkpoint ``step`` is written into."""
+    return make_scratch(Path(save_dir) / step_dir_name(step), "tmp")
+
+
+def finalize(save_dir: str | Path, step: int, scratch: Path, keep_last: int) -> Path:
+    """Rank 0, after every rank wrote into ``scratch``: mark, fsync, rename, move ``latest``, prune."""
     save_dir = Path(save_dir)
     final = save_dir / step_dir_name(step)
-    replace_dir(tmp_dir(save_dir, step), final)
+    check_replaceable(final, marker_proof(KIND), what="checkpoint", error=CheckpointError)
+    write_output_marker(scratch, KIND)
+    fsync_tree(scratch)
+    publish(scratch, final)
     pointer_tmp = save_dir / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
+    with open(pointer_tmp, "w") as handle:
+        handle.write(final.name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(pointer_tmp, save_dir / LATEST)
-    if keep_last > 0:
-        for old in list_checkpoints(save_dir)[:-keep_last]:
-            shutil.rmtree(old)
+    fsync_dir(save_dir)
+    _prune(save_dir, keep_last)
     return final
+
+
+def _prune(save_dir: Path, keep_last: int) -> None:
+    """Delete (ours only) all but the ``keep_last`` newest checkpoints up to ``latest``; a newer one
+    than ``latest`` (a kill before the pointer moved) is left to be replaced by the next save."""
+    latest = latest_checkpoint(save_dir)
+    if keep_last <= 0 or latest is None:
+        return
+    for old in [p for p in list_checkpoints(save_dir) if p.name <= latest.name][:-keep_last]:
+        if is_ours(old) is None:
+            remove_tree(old)
 
 
 def write_rank_state(directory: Path, rank: int, optimizer_state: dict, extra: dict[str, Any]) -> None:

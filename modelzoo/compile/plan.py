@@ -183,14 +183,30 @@ def check_plan_for_run(cfg: RunConfig) -> dict[str, Any]:
     from modelzoo.models.llama import load_llama_config
 
     config = load_llama_config(cfg.model.name_or_path, cfg.model.overrides)
-    want = json.loads(json.dumps(recompile_settings(cfg, _arch_fields(config))))
-    have = plan.get("recompile_settings", {})
+    want = _leaves(json.loads(json.dumps(recompile_settings(cfg, _arch_fields(config)))))
+    have = _leaves(plan.get("recompile_settings", {}))
     diffs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diffs:
-        details = ", ".join(f"{k}: plan {have.get(k)!r} vs run {want.get(k)!r}" for k in diffs[:3])
-        raise PlanError(f"{path}: the run differs from the compiled plan in {', '.join(diffs)} ({details}); "
+        details = ", ".join(f"{k}: plan {_short(have.get(k))} vs run {_short(want.get(k))}" for k in diffs[:3])
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise PlanError(f"{path}: the run differs from the compiled plan in {details}{more}; "
                         "re-run with command=compile, or restore the compiled settings")
     return plan
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every non-dict value of a nested dict (so a diff names one field)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def summarize(plan: dict[str, Any]) -> str:

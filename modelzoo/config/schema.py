@@ -54,7 +54,8 @@ class CheckpointConfig:
     """Where weights come from and where training state goes."""
 
     load_path: str | None = None
-    """Checkpoint directory to load weights (and, with ``resume``, training state) from."""
+    """HF checkpoint directory to load the starting weights from (fine-tuning); ``resume`` reads
+    ``save_dir`` instead."""
     save_dir: str = "runs/checkpoints"
     """Directory receiving one sub-directory per saved checkpoint."""
     save_every: int = bounded(0, ge=0)
@@ -62,7 +63,11 @@ class CheckpointConfig:
     keep_last: int = bounded(2, ge=0)
     """Number of most recent checkpoints kept on disk; 0 keeps all."""
     resume: bool = False
-    """Restore optimizer, schedule, RNG and data position from ``load_path`` as well as weights."""
+    """Continue the run in ``save_dir``: weights, optimizer, schedule, RNG and data position from its
+    ``latest`` checkpoint."""
+    overwrite: bool = False
+    """A fresh run into a ``save_dir`` that holds checkpoints of an earlier run deletes them first
+    (only checkpoints modelzoo wrote); without it such a run is refused."""
 
 
 @dataclass
@@ -75,6 +80,11 @@ class TrainingConfig:
     """Sequences per micro-batch per data-parallel rank."""
     max_seq_length: int = bounded(512, ge=1)
     """Tokens per sequence; must match the dataset's ``max_seq_length``."""
+    allow_long_sequences: bool = False
+    """Allow ``max_seq_length`` above the model's ``max_position_embeddings`` (positions it never saw)."""
+    verify_checksums: bool = True
+    """Re-hash every dataset file against its sha256 manifest before training (reads every byte once;
+    set false for very large datasets: file names and sizes are still checked)."""
     max_steps: int = bounded(100, ge=1)
     """Optimizer steps to run."""
     num_epochs: int | None = bounded(None, ge=1)

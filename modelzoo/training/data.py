@@ -18,7 +18,7 @@ import torch
 
 from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir, ShardedSampler, SplitReader
 
-__all__ = ["DatasetError", "ShardedLoader", "SplitReader", "open_training_data"]
+__all__ = ["DatasetError", "ShardedLoader", "SplitReader", "check_sequence_length", "open_training_data"]
 
 
 @dataclass
@@ -67,16 +67,27 @@ class ShardedLoader:
         self.state = LoaderState(int(state["epoch"]), int(state["micro_step"]))
 
 
+def check_sequence_length(max_seq_length: int, config, allow_long: bool, source: str) -> None:
+    """Refuse a ``training.max_seq_length`` beyond the positions the model was built for."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max_seq_length > limit and not allow_long:
+        raise DatasetError(f"training.max_seq_length={max_seq_length} exceeds max_position_embeddings={limit} of "
+                           f"the model '{source}'; use training.max_seq_length<={limit} (and data prep with "
+                           "--max_seq_length to match), or set training.allow_long_sequences=true to train on "
+                           "positions the model never saw")
+
+
 def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size: int,
-                       dp_world: int) -> tuple[SplitReader, SplitReader | None, dict]:
-    """Train (and dev, if any) readers for a run, after checking the dataset against the config."""
+                       dp_world: int, checksums: bool = False) -> tuple[SplitReader, SplitReader | None, dict]:
+    """Train (and dev, if any) readers for a run, after checking the dataset against the config;
+    ``checksums`` re-hashes every file against the sha256 manifest."""
     if not dataset_dir:
         raise DatasetError("training.dataset_dir is not set; point it at a dataset dir made by modelzoo-data-prep")
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DatasetError(f"training.dataset_dir '{root}' does not exist; build it with modelzoo-data-prep "
                            "or fix the path")
-    dataset = HDF5DatasetDir(root, max_seq_length=max_seq_length)
+    dataset = HDF5DatasetDir(root, max_seq_length=max_seq_length, checksums=checksums)
     meta = dataset.metadata
     if int(meta["vocab_size"]) > vocab_size:
         raise DatasetError(f"{root / 'metadata.yaml'}: tokenizer vocab_size {meta['vocab_size']} exceeds the "

@@ -15,6 +15,7 @@ S = sequence length, V = vocab size.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -39,8 +40,9 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu",
                         seconds: float = 0.5, trials: int = 5) -> float:
     """Best achieved FLOP/s of a square matmul on this device over ``trials`` short windows: the
     'peak' MFU is measured against (the best window, so a busy moment does not lower it)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)  # its own: the run's RNG state stays untouched
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
     a @ b
     best = 0.0
     for _ in range(trials):
@@ -68,13 +70,35 @@ def peak_memory_bytes(device: str = "cpu") -> int:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (rank 0 only) and keeps the history."""
+    """One JSON object per line in ``path`` (rank 0 only); ``history`` holds this process's records.
 
-    def __init__(self, path: str | Path | None) -> None:
+    A fresh run starts the file anew. A resumed run (``resumed_at``) keeps the records up to that
+    step and drops the later ones (the steps after the checkpoint are trained, and logged, again),
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: str | Path | None, resumed_at: int | None = None) -> None:
         self.path = Path(path) if path else None
         self.history: list[dict[str, Any]] = []
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in self.records() if resumed_at is not None and r.get("step", 0) <= resumed_at]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the file (a torn last line from a killed run is skipped)."""
+        if not self.path or not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
     def write(self, record: dict[str, Any]) -> None:
         self.history.append(record)

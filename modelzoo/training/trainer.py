@@ -9,6 +9,7 @@ ranks), exactly what one process computes on the combined batch. Each rank backp
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from modelzoo.checkpoint import manager as ckpt
-from modelzoo.checkpoint.hf_save import save_hf_dir
+from modelzoo.checkpoint.hf_files import read_tokenizer_files
+from modelzoo.checkpoint.hf_save import write_hf_dir
 from modelzoo.config import RunConfig, dump_yaml
 from modelzoo.data.token_types import loss_weights_from_token_types
 from modelzoo.parallel.mesh import build_mesh, init_distributed
 
-from .data import ShardedLoader, open_training_data
+from .data import ShardedLoader, check_sequence_length, open_training_data
 from .metrics import MetricsLog, flops_per_token, measure_matmul_peak, peak_memory_bytes, plot_loss_curve
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -98,15 +100,22 @@ class Trainer:
         if self.t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.dist = _setup_dist(cfg, self.device.type)
+        for note in self._on_main(lambda: ckpt.prepare_save_dir(
+                cfg.checkpoint.save_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite,
+                keep_last=cfg.checkpoint.keep_last)):
+            if not quiet:
+                print(note, file=sys.stderr)
         torch.manual_seed(self.t.seed)
+        random.seed(self.t.seed)  # saved with each checkpoint: the same run saves the same state
         self._build_model()
         self._build_data()
         self.optimizer = build_optimizer(self.model, self.t, foreach=False if self.dist.tp_world > 1 else None)
         self.total_steps = self._total_steps()
         self.step = 0
-        self.log = MetricsLog(Path(self.t.output_dir) / "metrics.jsonl" if self.dist.is_main else None)
         if cfg.checkpoint.resume:
             self._resume()
+        self.log = MetricsLog(Path(self.t.output_dir) / "metrics.jsonl" if self.dist.is_main else None,
+                              resumed_at=self.step if cfg.checkpoint.resume else None)
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> None:
@@ -126,6 +135,7 @@ class Trainer:
         self.model = from_pretrained(source, dtype=mcfg.dtype, overrides=overrides, seed=self.t.seed,
                                      settings=settings, device=self.device)
         self.hf_config = self.model._modelzoo_state["config"]  # the unpatched config, for saving
+        check_sequence_length(self.t.max_seq_length, self.hf_config, self.t.allow_long_sequences, source)
         self.model.train()
         if self.t.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -140,7 +150,8 @@ class Trainer:
             # The decoder body is compiled in place (same module, same state_dict keys); the LM head
             # and loss stay eager so they run only at targets of nonzero weight (data-dependent count).
             self.model.model.compile(dynamic=False)
-        self.tokenizer_dir = self._tokenizer_dir(source)
+        # Read now, kept in memory: the source (e.g. the checkpoint resumed from) may be pruned later.
+        self.tokenizer_files = read_tokenizer_files(self._tokenizer_dir(source))
 
     def _apply_fsdp(self) -> None:
         """Shard parameters, grads and optimizer state over the DP group (FSDP2, per decoder layer).
@@ -246,11 +257,11 @@ class Trainer:
     def save(self) -> Path | None:
         """Write checkpoint ``step_{step}`` (all ranks call this; rank 0 writes the HF dir)."""
         save_dir = Path(self.cfg.checkpoint.save_dir)
-        tmp = ckpt.tmp_dir(save_dir, self.step)
+        tmp = self._on_main(lambda: ckpt.begin(save_dir, self.step))
         state = full_state(self.model)  # collective under TP
         if self.dist.is_main:
-            save_hf_dir(tmp, self.hf_config, state, generation_config=self.model.generation_config,
-                        tokenizer_dir=self.tokenizer_dir)
+            write_hf_dir(tmp, self.hf_config, state, generation_config=self.model.generation_config,
+                         tokenizer_files=self.tokenizer_files)
             ckpt.write_trainer_state(tmp, {
                 "step": self.step, "total_steps": self.total_steps, "loader": self.loader.state_dict(),
                 "layout": {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world},
@@ -261,9 +272,7 @@ class Trainer:
                        for k, v in self.optimizer.state_dict().items()}
         ckpt.write_rank_state(tmp, self.dist.rank, optim_state, {"loader": self.loader.state_dict()})
         self._barrier()
-        final = ckpt.finalize(save_dir, self.step, self.cfg.checkpoint.keep_last) if self.dist.is_main else None
-        self._barrier()
-        return final
+        return self._on_main(lambda: ckpt.finalize(save_dir, self.step, tmp, self.cfg.checkpoint.keep_last))
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.cfg.checkpoint.save_dir)
@@ -291,6 +300,23 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
 
+    def _on_main(self, fn):
+        """``fn()`` on rank 0, its result on every rank; a user error there is raised on every rank
+        (so no rank waits forever in a collective for one that has failed)."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        if self.dist.world > 1:
+            box = [result, error]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        return result
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         from tqdm import tqdm
@@ -303,6 +329,9 @@ class Trainer:
                    disable=self.quiet or not self.dist.is_main, file=sys.stderr, dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
         last: dict[str, Any] = {}
+        if self.step >= self.total_steps:  # resumed a finished run: nothing to train, save or log
+            bar.close()
+            return {"step": self.step, "history": self.log.history}
         while self.step < self.total_steps:
             if self.stop_after is not None and self.step >= self.stop_after:
                 break
@@ -336,5 +365,5 @@ class Trainer:
                 self.log.write({"step": self.step, **final_eval})
                 last.update(final_eval)
             if self.dist.is_main:
-                plot_loss_curve(self.log.history, Path(cfg.output_dir) / "loss_curve.png")
+                plot_loss_curve(self.log.records(), Path(cfg.output_dir) / "loss_curve.png")
         return {"step": self.step, "history": self.log.history, **last}
