@@ -4,15 +4,15 @@
     modelzoo-train --config llama_tiny                          # train on the bundled sample
     modelzoo-train --config my.yaml training.max_steps=500 data_parallel.world_size=2
 
-A config asking for n_chips x world_size > 1 processes is relaunched under torchrun on this
-machine (gloo on CPU, nccl on CUDA); started by torchrun (multi-node), it joins the group.
+A config asking for n_chips x world_size > 1 processes starts them on this machine (gloo on CPU,
+nccl on CUDA; reachable from 127.0.0.1 only; they stop when this command stops). For several
+machines, start it with torchrun yourself (--rdzv-endpoint HOST:PORT): it joins that group.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from modelzoo.compile.plan import build_plan, check_plan_for_run, plan_path, summarize, write_plan
@@ -33,25 +33,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _relaunch(nprocs: int, argv: list[str]) -> int:
-    """Run this command under torchrun with ``nprocs`` local processes; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
-           "-m", "modelzoo.cli.train", *argv]
-    print(f"launching {nprocs} processes: {' '.join(cmd[2:])}", file=sys.stderr)
-    return subprocess.call(cmd)
+    """Run this command as ``nprocs`` local ranks; returns the exit status."""
+    from modelzoo.parallel.launch import launch_local
+
+    cmd = [sys.executable, "-m", "modelzoo.cli.train", *argv]
+    print(f"launching {nprocs} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    return launch_local(nprocs, cmd)
 
 
 def _preflight(cfg) -> None:
-    """Check the compile plan and the dataset against the config (cheap: no weights are loaded)."""
+    """Check the compile plan, the checkpoint dir and the dataset (its checksums unless
+    ``training.verify_checksums=false``) against the config; no weights are loaded."""
+    from modelzoo.checkpoint.manager import prepare_save_dir
     from modelzoo.models.llama import load_llama_config
-    from modelzoo.training.data import open_training_data
+    from modelzoo.training.data import check_sequence_length, open_training_data
 
     if plan_path(cfg).is_file():
         check_plan_for_run(cfg)
     else:
         write_plan(build_plan(cfg), cfg.samba_compile.output_folder)
-    source = cfg.checkpoint.load_path or cfg.model.name_or_path
-    vocab = load_llama_config(source, cfg.model.overrides if source == cfg.model.name_or_path else None).vocab_size
-    open_training_data(cfg.training.dataset_dir, cfg.training.max_seq_length, vocab, cfg.data_parallel.world_size)
+    ck, t = cfg.checkpoint, cfg.training
+    prepare_save_dir(ck.save_dir, resume=ck.resume, overwrite=ck.overwrite, dry_run=True)
+    source = ck.load_path or cfg.model.name_or_path
+    config = load_llama_config(source, cfg.model.overrides if source == cfg.model.name_or_path else None)
+    check_sequence_length(t.max_seq_length, config, t.allow_long_sequences, source)
+    open_training_data(t.dataset_dir, t.max_seq_length, config.vocab_size, cfg.data_parallel.world_size,
+                       checksums=t.verify_checksums)
 
 
 def run(argv: list[str]) -> int:

@@ -7,7 +7,7 @@ Processes = n_chips x world_size. Ranks are laid out data-parallel-major: ranks
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -16,26 +16,29 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    """A free TCP port on localhost (for a single-machine rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def default_backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
 def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
-    """Join the process group described by the torchrun environment (RANK, WORLD_SIZE, ...).
+    """Join the process group described by the environment: our local launcher's
+    (:mod:`modelzoo.parallel.launch`: a FileStore, loopback sockets, die with the launcher) or
+    torchrun's (RANK, WORLD_SIZE, MASTER_ADDR, ...; multi-node).
 
     Returns ``(rank, world_size)``; ``(0, 1)`` without touching torch.distributed when not launched.
     """
+    from .launch import INIT_FILE_ENV, watch_parent
+
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend=default_backend(device_type))
+        if INIT_FILE_ENV in os.environ:
+            watch_parent()
+            dist.init_process_group(backend=default_backend(device_type),
+                                    init_method=f"file://{os.environ[INIT_FILE_ENV]}",
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend=default_backend(device_type))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -46,19 +49,22 @@ def build_mesh(n_chips: int, world_size: int, device_type: str = "cpu"):
     return init_device_mesh(device_type, (world_size, n_chips), mesh_dim_names=("dp", "tp"))
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+def _worker(rank: int, world_size: int, store: str, fn: Callable, args: tuple) -> None:
+    from .launch import loopback_env
+
+    os.environ.update(loopback_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     fn(rank, world_size, *args)
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
 def spawn_cpu(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` local CPU processes joined by gloo.
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` local CPU processes joined by gloo (FileStore
+    rendezvous, loopback sockets).
 
     ``fn`` must be importable (module level). A failing rank raises here, with its traceback.
     """
-    mp.spawn(_worker, args=(nprocs, free_port(), fn, args), nprocs=nprocs, join=True)
+    with tempfile.TemporaryDirectory(prefix="modelzoo-rdzv-") as rdzv:
+        mp.spawn(_worker, args=(nprocs, os.path.join(rdzv, "store"), fn, args), nprocs=nprocs, join=True)
