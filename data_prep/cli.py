@@ -13,6 +13,7 @@ import signal
 import sys
 
 from modelzoo.data_prep.errors import DataPrepError
+from modelzoo.data_prep.input_files import MAX_LINE_BYTES
 from modelzoo.data_prep.options import (
     BOUNDARIES,
     SHUFFLE_MODES,
@@ -21,6 +22,7 @@ from modelzoo.data_prep.options import (
     SplitOptions,
     packing_choices,
 )
+from modelzoo.data_prep.tokenizer_io import MAX_SEQ_LENGTH_CAP
 
 _EPILOG = (
     'Input lines: {"prompt": ..., "completion": ...}, a list of such objects (a multi-turn article), '
@@ -49,7 +51,25 @@ def _add_tokenize_flags(p: argparse.ArgumentParser) -> None:
         "Must define an EOS token. Nothing is downloaded.",
     )
     p.add_argument(
-        "--max_seq_length", type=int, default=2048, help="Tokens per packed sequence (default: %(default)s)."
+        "--max_seq_length",
+        type=int,
+        default=2048,
+        help="Tokens per packed sequence (default: %(default)s). Must not exceed the tokenizer's "
+        "model_max_length, nor the max_position_embeddings of a config.json beside it; with neither "
+        f"known, at most {MAX_SEQ_LENGTH_CAP:,}.",
+    )
+    p.add_argument(
+        "--allow_long_sequences",
+        action="store_true",
+        help="Accept a --max_seq_length above those limits (rows the model was not built for).",
+    )
+    p.add_argument(
+        "--max_line_bytes",
+        type=int,
+        default=MAX_LINE_BYTES,
+        help="Longest input line, in bytes (default %(default)s = 16 MiB): a longer line is an input "
+        "format error (skipped with --ignore_input_format_error) and is never read whole, as tokenizing "
+        "a line takes 100-200x its size in memory.",
     )
     p.add_argument(
         "--input_packing_config",
@@ -108,14 +128,15 @@ def _add_tokenize_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite_output_path",
         action="store_true",
-        help="Replace an existing --output_path once the new output is complete (a directory is replaced "
-        "only if it looks like a dataset).",
+        help="Replace an existing --output_path once the new output is complete: only an empty directory, "
+        "a dataset whose sha256/files_metadata.json lists exactly the files present, or (data_prep) an "
+        "HDF5 file. Nothing else is deleted.",
     )
     p.add_argument(
         "--ignore_input_format_error",
         action="store_true",
-        help="Skip malformed lines (bad JSON, missing keys, non-UTF-8) and list them in "
-        "json_load_failed_lines.log instead of stopping at the first.",
+        help="Skip malformed lines (bad JSON, missing keys, non-UTF-8, over --max_line_bytes) and list "
+        "them in json_load_failed_lines.log instead of stopping at the first.",
     )
     p.add_argument(
         "--compression",
@@ -241,6 +262,8 @@ def options_from_args(args: argparse.Namespace) -> PrepOptions:
         overwrite_output_path=args.overwrite_output_path,
         ignore_input_format_error=args.ignore_input_format_error,
         compression=args.compression,
+        allow_long_sequences=args.allow_long_sequences,
+        max_line_bytes=args.max_line_bytes,
     )
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from modelzoo.data_prep.errors import DataPrepError
+from modelzoo.data_prep.input_files import MAX_LINE_BYTES
 
 PACKING_STYLES = ("full", "greedy", "single")
 OVERFLOW_TYPES = ("drop", "truncate_left", "truncate_right")
@@ -108,6 +109,8 @@ class PrepOptions:
     overwrite_output_path: bool = False
     ignore_input_format_error: bool = False
     compression: str = "gzip"
+    allow_long_sequences: bool = False  # skip the --max_seq_length check against the tokenizer/model
+    max_line_bytes: int = MAX_LINE_BYTES  # longer input lines are format errors (see input_files)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
 
     def validate(self) -> None:
@@ -121,6 +124,8 @@ class PrepOptions:
                 raise DataPrepError(f"{flag} '{value}' is not one of: {', '.join(BOUNDARIES)}")
         if self.shuffle not in SHUFFLE_MODES:
             raise DataPrepError(f"--shuffle '{self.shuffle}' is not one of: {', '.join(SHUFFLE_MODES)}")
+        if self.max_line_bytes < 1:
+            raise DataPrepError(f"--max_line_bytes {self.max_line_bytes} must be >= 1")
         if self.num_workers < 0:
             raise DataPrepError(
                 f"--num_workers {self.num_workers} must be >= 0 (0 tokenizes in the main process)"

@@ -1,107 +1,124 @@
-"""Atomic output: build in a hidden temp dir (or file) beside the target, rename into place at the end.
+"""Atomic output on top of ``modelzoo.checkpoint.atomic``: build in hidden scratch beside the target,
+rename into place at the end.
 
-A run that fails or is interrupted leaves the target as it was (a hard kill can leave a hidden
-``.NAME.tmp-*`` sibling, never a dataset at the target path). ``--overwrite_output_path`` replaces
-an existing target only after the new one is complete, and only when the target looks like a
-dataset (or is empty): nothing outside the output path is ever deleted.
+A run that fails, is interrupted or is killed leaves ``--output_path`` as it was (a kill leaves at most
+hidden ``.NAME.tmp-*`` / ``.NAME.work-*`` scratch, which carries an owner file; the next run removes
+it once its process is gone and says so). What ``--overwrite_output_path`` may replace, and nothing
+else is ever deleted:
+
+* a directory (``pipeline``): an empty one, or a dataset this tool or generative_data_prep wrote,
+  proven by its sha256 manifest ``sha256/files_metadata.json`` listing exactly the files present
+  (no file more, none missing, no directory that holds no listed file). A stray ``.hdf5`` or a
+  ``metadata.yaml`` proves nothing.
+* a file (``data_prep``): an HDF5 file (the HDF5 signature), replaced in one ``os.replace``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from modelzoo.checkpoint import atomic
+from modelzoo.data.dataset_layout import BOOKKEEPING_FILES, MANIFEST_FILE, flat_name
 from modelzoo.data_prep.errors import DataPrepError
+from modelzoo.data_prep.tokenize_pack import log
 
-_DATASET_MARKERS = ("metadata.yaml", "sha256")
-
-
-def _check_protected(target: Path, protected: list[Path]) -> None:
-    resolved = target.resolve()
-    for p in protected:
-        p = p.resolve()
-        if p == resolved or resolved in p.parents:
-            raise DataPrepError(
-                f"--output_path {target} is or contains the input {p}; choose another output path"
-            )
+WHAT, FLAG = "--output_path", "--overwrite_output_path"
 
 
-def _check_replaceable(target: Path) -> None:
-    resolved = target.resolve()
-    cwd = Path.cwd().resolve()
-    if (
-        resolved == Path(resolved.anchor)
-        or resolved == Path.home().resolve()
-        or resolved == cwd
-        or resolved in cwd.parents
-    ):
-        raise DataPrepError(f"--output_path {target}: refusing to replace a root, home or working directory")
-    if target.is_dir() and any(target.iterdir()):
-        names = {p.name for p in target.iterdir()}
-        looks_like_dataset = any(m in names for m in _DATASET_MARKERS) or any(
-            n.endswith(".hdf5") for n in names
-        )
-        if not looks_like_dataset:
-            raise DataPrepError(
-                f"--output_path {target} exists and does not look like a dataset (no metadata.yaml, sha256/ or "
-                ".hdf5 files); refusing to delete it -- remove it yourself or choose another path"
-            )
+@dataclass(frozen=True)
+class Output:
+    """Where a run builds its result: ``tmp`` (the dataset dir, or the path of the one file) and
+    ``work_dir`` (row files, shuffle buckets); both inside owned scratch beside the target."""
+
+    tmp: Path
+    work_dir: Path
 
 
-class AtomicOutput:
-    """``path`` is where the result goes; build it at ``tmp`` (a dir, or a file path when not
-    ``is_dir``), keep scratch files in ``work_dir``, then ``commit()``; ``abort()`` on failure.
-    """
+def manifest_proof(directory: Path) -> str | None:
+    """None when ``directory``'s sha256 manifest lists exactly the files in it (a dataset we may
+    replace); else why not. The manifest flattens paths, so present files are compared flattened."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (not a dataset written by data prep)"
+    except (OSError, ValueError) as err:
+        return f"its {MANIFEST_FILE} is unreadable ({err})"
+    if not isinstance(manifest, dict) or not manifest:
+        return f"its {MANIFEST_FILE} lists no files"
+    files, _ = atomic.tree(directory)
+    present = {flat_name(rel): rel for rel in files}
+    listed = {present.get(name, name) for name in manifest} | {MANIFEST_FILE}
+    return atomic.exactly_listed(directory, listed, ignore=set(BOOKKEEPING_FILES))
 
-    def __init__(self, path: str, overwrite: bool, is_dir: bool, protected: list[Path] = ()):
-        self.path = Path(path)
-        self.is_dir = is_dir
-        if self.path.exists() or self.path.is_symlink():
-            if not overwrite:
-                raise DataPrepError(
-                    f"--output_path {self.path} already exists; pass --overwrite_output_path to replace it, "
-                    "or choose another path"
-                )
-            if is_dir and not self.path.is_dir():
-                raise DataPrepError(
-                    f"--output_path {self.path} exists and is not a directory; choose another path"
-                )
-            if not is_dir and self.path.is_dir():
-                raise DataPrepError(
-                    f"--output_path {self.path} is a directory; data_prep writes one .hdf5 file"
-                )
-            _check_protected(self.path, list(protected))
-            if is_dir:
-                _check_replaceable(self.path)
-        parent = self.path.absolute().parent
+
+def _report_debris(removed: list[Path]) -> None:
+    names = ", ".join(p.name for p in removed)
+    log(f"removed {len(removed)} scratch dir(s) left by an interrupted run: {names}")
+
+
+@contextmanager
+def atomic_output(
+    path: str | Path, overwrite: bool, is_dir: bool, inputs: list[Path] = ()
+) -> Iterator[Output]:
+    """Yield an ``Output``; its ``tmp`` becomes ``path`` when the block succeeds (see module doc)."""
+    target = Path(path)
+    if not is_dir:
+        with _atomic_file(target, overwrite, list(inputs)) as out:
+            yield out
+        return
+    with atomic.atomic_dir(
+        target, kind=None, overwrite=overwrite, inputs=list(inputs), proof=manifest_proof, what=WHAT,
+        overwrite_flag=FLAG, error=DataPrepError, on_debris=_report_debris,
+    ) as tmp:
+        work = atomic.make_scratch(target, "work")
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
+            yield Output(tmp, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _atomic_file(target: Path, overwrite: bool, inputs: list[Path]) -> Iterator[Output]:
+    """The one-file job: write into owned work scratch, then ``os.replace`` onto ``target``."""
+    atomic.check_no_overlap(target, inputs, what=WHAT, error=DataPrepError)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
             raise DataPrepError(
-                f"--output_path {self.path}: cannot create its parent directory ({err})"
-            ) from err
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.work_dir = parent / f".{self.path.name}.work-{tag}"  # scratch: row files, shuffle buckets
-        self.work_dir.mkdir()
-        self.tmp = parent / f".{self.path.name}.tmp-{tag}"  # the result, renamed to ``path`` by commit
-        if is_dir:
-            self.tmp.mkdir()
+                f"{WHAT} {target} already exists; pass {FLAG} to replace it, or choose another path"
+            )
+        if target.is_dir() and not target.is_symlink():
+            raise DataPrepError(f"{WHAT} {target} is a directory; data_prep writes one .hdf5 file")
+        if target.is_symlink() or not target.is_file() or not _is_hdf5(target):
+            raise DataPrepError(f"{WHAT} {target} exists and is not an HDF5 file; refusing to replace it -- "
+                                "remove it yourself or choose another path")
+    try:
+        removed = atomic.clean_debris(target)
+        work = atomic.make_scratch(target, "work")
+    except OSError as err:
+        raise DataPrepError(f"{WHAT} {target}: cannot write beside it ({err})") from err
+    if removed:
+        _report_debris(removed)
+    try:
+        out = Output(work / target.name, work)
+        yield out
+        with open(out.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(out.tmp, target)
+        atomic.fsync_dir(target.absolute().parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    def commit(self) -> None:
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        if self.path.exists() and self.is_dir:
-            old = self.path.absolute().parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-            os.rename(self.tmp, self.path)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        if self.is_dir:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            self.tmp.unlink(missing_ok=True)
+def _is_hdf5(path: Path) -> bool:
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False

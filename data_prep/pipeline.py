@@ -3,7 +3,8 @@
 Flow (one pass over the input, memory bounded by chunk sizes, not by input size):
 read/shuffle lines -> assign train/dev/test -> test lines to ``test_files/`` raw -> train/dev lines in
 chunks to worker processes (tokenize) -> results in order -> pack -> row files -> balanced HDF5
-files (written by the workers) -> tokenizer/, metadata.yaml, sha256 manifest -> rename into place.
+files (written by the workers) -> tokenizer/, metadata.yaml, sha256 manifest -> rename into place
+(``output_dir``: scratch beside the target, replaced only when proven ours).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from modelzoo.checkpoint.hf_files import make_tokenizer_portable
 from modelzoo.data.dataset_layout import (
     METADATA_FILE,
     TEST_DIR,
@@ -27,7 +29,7 @@ from modelzoo.data_prep.hdf5_writer import FileJob, write_hdf5_file
 from modelzoo.data_prep.input_files import resolve_inputs
 from modelzoo.data_prep.metrics import SplitMetrics, metrics_table
 from modelzoo.data_prep.options import PrepOptions
-from modelzoo.data_prep.output_dir import AtomicOutput
+from modelzoo.data_prep.output_dir import Output, atomic_output
 from modelzoo.data_prep.shuffle import ExternalShuffle, shuffled_lines
 from modelzoo.data_prep.splits import (
     DEV,
@@ -39,7 +41,12 @@ from modelzoo.data_prep.splits import (
     default_file_cap,
 )
 from modelzoo.data_prep.tokenize_pack import BAD_LINES_LOG, TokenizePack
-from modelzoo.data_prep.tokenizer_io import load_tokenizer, model_type_string, tokenizer_spec
+from modelzoo.data_prep.tokenizer_io import (
+    check_max_seq_length,
+    load_tokenizer,
+    model_type_string,
+    tokenizer_spec,
+)
 from modelzoo.data_prep.workers import TokenizerPool
 
 
@@ -68,13 +75,18 @@ class RunResult:
 
 
 # -- the two jobs ------------------------------------------------------------------------------
-def _open_job(opts: PrepOptions, is_dir: bool):
-    """The tokenizer, its spec and the atomic output (never the input or the tokenizer) of a job."""
+def _open_tokenizer(opts: PrepOptions):
+    """The tokenizer and its spec; ``--max_seq_length`` is checked against it here, before any work."""
     tok = load_tokenizer(opts.pretrained_tokenizer)
-    spec = tokenizer_spec(tok, opts.apply_chat_template)
-    out = AtomicOutput(opts.output_path, opts.overwrite_output_path, is_dir=is_dir,
-                       protected=[Path(opts.input_path), Path(opts.pretrained_tokenizer)])
-    return tok, spec, out
+    if not opts.allow_long_sequences:
+        check_max_seq_length(tok, opts.pretrained_tokenizer, opts.max_seq_length)
+    return tok, tokenizer_spec(tok, opts.apply_chat_template)
+
+
+def _output(opts: PrepOptions, is_dir: bool):
+    """The job's atomic output (never the input or the tokenizer)."""
+    inputs = [Path(opts.input_path), Path(opts.pretrained_tokenizer)]
+    return atomic_output(opts.output_path, opts.overwrite_output_path, is_dir=is_dir, inputs=inputs)
 
 
 def run_pipeline(opts: PrepOptions) -> RunResult:
@@ -82,14 +94,9 @@ def run_pipeline(opts: PrepOptions) -> RunResult:
     start = time.perf_counter()
     opts.validate()
     files = resolve_inputs(opts.input_path)
-    tok, spec, out = _open_job(opts, is_dir=True)
-    try:
-        result = _build_dataset(opts, files, tok, spec, out, start)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
-    return result
+    tok, spec = _open_tokenizer(opts)
+    with _output(opts, is_dir=True) as out:
+        return _build_dataset(opts, files, tok, spec, out, start)
 
 
 def run_data_prep(opts: PrepOptions) -> RunResult:
@@ -101,12 +108,13 @@ def run_data_prep(opts: PrepOptions) -> RunResult:
         raise DataPrepError(
             f"data_prep takes one input file, got the directory {opts.input_path}; use pipeline"
         )
-    _, spec, out = _open_job(opts, is_dir=False)
+    _, spec = _open_tokenizer(opts)
     bad_log = Path(f"{opts.output_path}.{BAD_LINES_LOG}")  # beside the file: data_prep has no dir
-    try:
+    with _output(opts, is_dir=False) as out:
         run = TokenizePack(opts, files, spec, out.work_dir, bad_log_dir=out.work_dir)
+        lines = shuffled_lines(files, "False", opts.seed, 0, out.work_dir, run.line_limit())
         with TokenizerPool(run.settings, opts.num_workers, out.work_dir) as pool:
-            run.tokenize_and_pack(pool, shuffled_lines(files, "False", opts.seed, 0, out.work_dir), None)
+            run.tokenize_and_pack(pool, lines, None)
             train = run.sinks[TRAIN]
             if train.rows == 0:
                 raise DataPrepError(run.why_empty(TRAIN))
@@ -123,10 +131,6 @@ def run_data_prep(opts: PrepOptions) -> RunResult:
         run.report_drops(str(bad_log))
         if run.bad_lines:
             os.replace(run.bad_log_path, bad_log)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
     metrics = {"train": run.metrics[TRAIN]}
     return RunResult(
         Path(opts.output_path),
@@ -138,12 +142,12 @@ def run_data_prep(opts: PrepOptions) -> RunResult:
     )
 
 
-def _build_dataset(opts: PrepOptions, files, tok, spec, out: AtomicOutput, start: float) -> RunResult:
+def _build_dataset(opts: PrepOptions, files, tok, spec, out: Output, start: float) -> RunResult:
     run = TokenizePack(opts, files, spec, out.work_dir, bad_log_dir=out.tmp)
     assigner = SplitAssigner(opts.splits)
     test_out = _open_test_files(out.tmp, assigner.num_test_files, files)
     budget = int(opts.shuffle_ram_mb * (1 << 20))
-    source = shuffled_lines(files, opts.shuffle, opts.seed, budget, out.work_dir)
+    source = shuffled_lines(files, opts.shuffle, opts.seed, budget, out.work_dir, run.line_limit())
     try:
         with TokenizerPool(run.settings, opts.num_workers, out.work_dir) as pool:
             run.tokenize_and_pack(pool, source, test_out, assigner)
@@ -158,6 +162,7 @@ def _build_dataset(opts: PrepOptions, files, tok, spec, out: AtomicOutput, start
         sink.remove()
     run.report_drops(str(Path(opts.output_path) / BAD_LINES_LOG))
     tok.save_pretrained(str(out.tmp / TOKENIZER_DIR))
+    make_tokenizer_portable(out.tmp / TOKENIZER_DIR)  # a class name transformers 4.x knows too
     metrics = {"train": run.metrics[TRAIN]}
     if counts[DEV]:
         metrics["dev"] = run.metrics[DEV]

@@ -10,21 +10,23 @@ from pathlib import Path
 import numpy as np
 
 from modelzoo.data_prep.errors import DataPrepError
-from modelzoo.data_prep.input_files import InputFile, LineBlock, read_line_blocks
+from modelzoo.data_prep.input_files import InputFile, LineBlock, LineLimit, read_line_blocks
 
 OUT_BLOCK_LINES = 16384
 MAX_BUCKETS = 4096
 
 
 def shuffled_lines(
-    files: list[InputFile], mode: str, seed: int, ram_budget_bytes: int, work_dir: Path
+    files: list[InputFile], mode: str, seed: int, ram_budget_bytes: int, work_dir: Path,
+    limit: LineLimit | None = None,
 ) -> Iterator[LineBlock]:
-    """Every non-blank input line once, in the order ``mode`` gives (deterministic for a seed)."""
+    """Every non-blank input line (within ``limit``) once, in the order ``mode`` gives (deterministic
+    for a seed)."""
     if mode == "False":
-        return read_line_blocks(files)
+        return read_line_blocks(files, limit=limit)
     if mode == "on_RAM":
-        return _shuffle_in_ram(files, seed)
-    return ExternalShuffle(files, seed, ram_budget_bytes, work_dir)
+        return _shuffle_in_ram(files, seed, limit)
+    return ExternalShuffle(files, seed, ram_budget_bytes, work_dir, limit)
 
 
 def _available_ram() -> int | None:
@@ -35,7 +37,7 @@ def _available_ram() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-def _shuffle_in_ram(files: list[InputFile], seed: int) -> Iterator[LineBlock]:
+def _shuffle_in_ram(files: list[InputFile], seed: int, limit: LineLimit | None) -> Iterator[LineBlock]:
     total = sum(f.size for f in files)
     available = _available_ram()
     needed = 2 * total + (256 << 20)  # the lines plus their Python objects, roughly
@@ -46,7 +48,7 @@ def _shuffle_in_ram(files: list[InputFile], seed: int) -> Iterator[LineBlock]:
         )
     lines: list[bytes] = []
     file_idx, line_no = [], []
-    for block in read_line_blocks(files):
+    for block in read_line_blocks(files, limit=limit):
         lines.extend(block.lines)
         file_idx.append(block.file_idx)
         line_no.append(block.line_no)
@@ -68,8 +70,10 @@ class ExternalShuffle:
     ``buckets`` and ``max_bucket_bytes`` report what happened.
     """
 
-    def __init__(self, files: list[InputFile], seed: int, ram_budget_bytes: int, work_dir: Path):
+    def __init__(self, files: list[InputFile], seed: int, ram_budget_bytes: int, work_dir: Path,
+                 limit: LineLimit | None = None):
         self.files = files
+        self.limit = limit
         self.seed = seed
         total = sum(f.size for f in files)
         self.buckets = max(1, min(MAX_BUCKETS, math.ceil(1.25 * total / max(1, ram_budget_bytes))))
@@ -96,7 +100,7 @@ class ExternalShuffle:
         lines_out = [open(self._paths(b)[0], "wb", buffering=buffering) for b in range(k)]
         where_out = [open(self._paths(b)[1], "wb", buffering=buffering) for b in range(k)]
         try:
-            for block in read_line_blocks(self.files):
+            for block in read_line_blocks(self.files, limit=self.limit):
                 bucket = rng.integers(0, k, size=len(block))
                 order = np.argsort(bucket, kind="stable")
                 bounds = np.searchsorted(bucket[order], np.arange(k + 1))

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from modelzoo.data_prep.articles import ArticleSettings, Chunk
+from modelzoo.data_prep.errors import DataPrepError
 from modelzoo.data_prep.hdf5_writer import SplitSink
-from modelzoo.data_prep.input_files import InputFile, LineBlock
+from modelzoo.data_prep.input_files import InputFile, LineBlock, LineLimit
 from modelzoo.data_prep.metrics import SplitMetrics
 from modelzoo.data_prep.options import PrepOptions, SplitOptions
 from modelzoo.data_prep.packing import Packer
@@ -162,6 +163,23 @@ class TokenizePack:
             self._fill_metrics(split)
         if self._bad_log is not None:
             self._bad_log.close()
+
+    def line_limit(self) -> LineLimit:
+        """``--max_line_bytes`` for the line reader: a longer line stops the run, or is skipped and
+        logged with ``--ignore_input_format_error`` (checked before the line is read whole)."""
+
+        def report(path: Path, line_no: int, size: int) -> None:
+            message = (f"{path}:{line_no}: line longer than --max_line_bytes {self.opts.max_line_bytes} "
+                       f"(at least {size} bytes)")
+            if not self.opts.ignore_input_format_error:
+                raise DataPrepError(
+                    f"{message} -- split the text over several lines, raise --max_line_bytes (tokenizing"
+                    " takes 100-200x the line's size in memory), or pass --ignore_input_format_error"
+                    " to skip it"
+                )
+            self._log_bad_lines([message])
+
+        return LineLimit(self.opts.max_line_bytes, report)
 
     def _progress_disabled(self) -> bool | None:
         if self.opts.progress is None:

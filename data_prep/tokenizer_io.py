@@ -82,6 +82,42 @@ def load_tokenizer(path: str):
     return tok
 
 
+# --max_seq_length with neither a tokenizer model_max_length nor a model config.json to check it
+# against: 1M tokens, beyond every Llama context (3.1: 128k); a row of 1e9 tokens took minutes and GBs.
+MAX_SEQ_LENGTH_CAP = 1 << 20
+_UNSET_MAX_LENGTH = 10**20  # transformers' "no limit" sentinel is int(1e30): ignore anything that big
+
+
+def sequence_limits(tok, path: str) -> list[tuple[int, str]]:
+    """``[(limit, where it comes from)]`` for ``--max_seq_length``: the tokenizer's ``model_max_length``
+    and the ``max_position_embeddings`` of a model ``config.json`` in the tokenizer dir, when known;
+    else the hard cap MAX_SEQ_LENGTH_CAP."""
+    limits = []
+    model_max = getattr(tok, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < _UNSET_MAX_LENGTH:
+        limits.append((model_max, f"model_max_length of the tokenizer {path}"))
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            positions = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            positions = None
+        if isinstance(positions, int) and positions > 0:
+            limits.append((positions, f"max_position_embeddings of {config}"))
+    fallback = (MAX_SEQ_LENGTH_CAP, "hard cap for a tokenizer without model_max_length or config.json")
+    return limits or [fallback]
+
+
+def check_max_seq_length(tok, path: str, max_seq_length: int) -> None:
+    """Refuse a ``--max_seq_length`` above any of ``sequence_limits`` (before any tokenizing)."""
+    for limit, source in sorted(sequence_limits(tok, path)):
+        if max_seq_length > limit:
+            raise DataPrepError(
+                f"--max_seq_length {max_seq_length} is above {limit:,}, the {source}; pass --max_seq_length "
+                f"{limit} or less, or --allow_long_sequences to build longer rows anyway"
+            )
+
+
 def tokenizer_spec(tok, need_chat_template: bool = False) -> TokenizerSpec:
     """The picklable description of ``tok`` that worker processes tokenize with."""
     backend = tok.backend_tokenizer

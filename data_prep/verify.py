@@ -5,7 +5,8 @@ sizes and hashes); each HDF5 file's datasets (int32, ``[n, max_seq_length]``, eq
 types in {0,1,2,3}, padding only as a suffix, no all-padding row, ids below ``vocab_size``,
 separators are EOS and padding is the pad id (when the metadata names them); files balanced to
 within one sequence; ``max_batch_size_*`` and per-split sequence/token counts equal to the files';
-the number of test files.
+the number of test files. Manifest problems (a changed sha256) come first; an HDF5 file h5py
+cannot open or read (truncated, overwritten) is one problem naming it, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from modelzoo.data.dataset_layout import DATASET_NAMES, TEST_DIR, check_manifest
-from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir
+from modelzoo.data.hdf5_reader import H5_ERRORS, DatasetError, HDF5DatasetDir, damaged_file
 
 BLOCK_ROWS = 4096
 
@@ -96,45 +97,56 @@ def verify_dataset(path, checksums: bool = True) -> VerifyReport:
 
 
 def _check_file(file: Path, L: int, vocab: int, eos, pad, counts, problems: list[str], types) -> int | None:
+    """Check one HDF5 file (rows read a block at a time); its row count, or None when it is unusable."""
     import h5py
 
+    try:
+        with h5py.File(file, "r") as f:
+            return _check_rows(file, f, L, vocab, eos, pad, counts, problems, types)
+    except H5_ERRORS as err:
+        problems.append(str(damaged_file(file, err)))
+        return None
+
+
+def _check_rows(
+    file: Path, f, L: int, vocab: int, eos, pad, counts, problems: list[str], types
+) -> int | None:
     prompt, completion, padding, separator = types
-    with h5py.File(file, "r") as f:
-        for name in DATASET_NAMES:
-            if name not in f:
-                problems.append(f"{file}: no '{name}' dataset")
-                return None
-            ds = f[name]
-            if ds.dtype != np.int32 or ds.ndim != 2 or ds.shape[1] != L:
-                problems.append(f"{file}: '{name}' is {ds.dtype} {ds.shape}; expected int32 [n, {L}]")
-                return None
-        ids_ds, types_ds = f["input_ids"], f["token_type_ids"]
-        if ids_ds.shape != types_ds.shape:
-            problems.append(f"{file}: input_ids {ids_ds.shape} and token_type_ids {types_ds.shape} differ")
+    for name in DATASET_NAMES:
+        if name not in f:
+            problems.append(f"{file}: no '{name}' dataset")
             return None
-        if "category_ids" in f and f["category_ids"].shape != ids_ds.shape:
+        ds = f[name]
+        if ds.dtype != np.int32 or ds.ndim != 2 or ds.shape[1] != L:
+            problems.append(f"{file}: '{name}' is {ds.dtype} {ds.shape}; expected int32 [n, {L}]")
+            return None
+    ids_ds, types_ds = f["input_ids"], f["token_type_ids"]
+    if ids_ds.shape != types_ds.shape:
+        problems.append(f"{file}: input_ids {ids_ds.shape} and token_type_ids {types_ds.shape} differ")
+        return None
+    if "category_ids" in f and f["category_ids"].shape != ids_ds.shape:
+        problems.append(
+            f"{file}: category_ids {f['category_ids'].shape} differs from input_ids {ids_ds.shape}"
+        )
+    n = ids_ds.shape[0]
+    for a in range(0, n, BLOCK_ROWS):
+        ids, tt = ids_ds[a : a + BLOCK_ROWS], types_ds[a : a + BLOCK_ROWS]
+        where = f"{file} rows {a}..{a + len(ids) - 1}"
+        if not np.isin(tt, types).all():
             problems.append(
-                f"{file}: category_ids {f['category_ids'].shape} differs from input_ids {ids_ds.shape}"
+                f"{where}: token_type_ids outside {{0,1,2,3}}: {sorted(set(np.unique(tt)) - set(types))}"
             )
-        n = ids_ds.shape[0]
-        for a in range(0, n, BLOCK_ROWS):
-            ids, tt = ids_ds[a : a + BLOCK_ROWS], types_ds[a : a + BLOCK_ROWS]
-            where = f"{file} rows {a}..{a + len(ids) - 1}"
-            if not np.isin(tt, types).all():
-                problems.append(
-                    f"{where}: token_type_ids outside {{0,1,2,3}}: {sorted(set(np.unique(tt)) - set(types))}"
-                )
-                continue
-            counts += np.bincount(tt.reshape(-1), minlength=4)[:4]
-            is_pad = tt == padding
-            if (is_pad[:, :-1] & ~is_pad[:, 1:]).any():
-                problems.append(f"{where}: padding followed by a non-padding token (padding must end a row)")
-            if is_pad.all(axis=1).any():
-                problems.append(f"{where}: a row of padding only")
-            if (ids < 0).any() or (ids >= vocab).any():
-                problems.append(f"{where}: input_ids outside [0, vocab_size={vocab})")
-            if eos is not None and (ids[tt == separator] != eos).any():
-                problems.append(f"{where}: a separator (type 3) that is not the EOS id {eos}")
-            if pad is not None and (ids[is_pad] != pad).any():
-                problems.append(f"{where}: a padding token that is not the pad id {pad}")
-        return n
+            continue
+        counts += np.bincount(tt.reshape(-1), minlength=4)[:4]
+        is_pad = tt == padding
+        if (is_pad[:, :-1] & ~is_pad[:, 1:]).any():
+            problems.append(f"{where}: padding followed by a non-padding token (padding must end a row)")
+        if is_pad.all(axis=1).any():
+            problems.append(f"{where}: a row of padding only")
+        if (ids < 0).any() or (ids >= vocab).any():
+            problems.append(f"{where}: input_ids outside [0, vocab_size={vocab})")
+        if eos is not None and (ids[tt == separator] != eos).any():
+            problems.append(f"{where}: a separator (type 3) that is not the EOS id {eos}")
+        if pad is not None and (ids[is_pad] != pad).any():
+            problems.append(f"{where}: a padding token that is not the pad id {pad}")
+    return n

@@ -20,10 +20,6 @@ from pathlib import Path
 from modelzoo.data_prep.articles import ArticleSettings, Chunk, ChunkTokenizer, TokenizedChunk
 from modelzoo.data_prep.errors import DataPrepError
 
-# Test hook (fault injection): the worker that gets the chunk with this index exits at once, as if
-# killed. Used by the tests to prove a crash fails the run cleanly.
-FAULT_ENV = "MODELZOO_DATA_PREP_FAULT_CHUNK"
-
 _tokenizer: ChunkTokenizer | None = None
 
 
@@ -36,9 +32,6 @@ def _init_worker(settings: ArticleSettings) -> None:
 
 
 def _tokenize(chunk: Chunk) -> TokenizedChunk:
-    fault = os.environ.get(FAULT_ENV)
-    if fault is not None and int(fault) == chunk.index:
-        os._exit(17)
     return _tokenizer(chunk)
 
 

@@ -244,3 +244,17 @@ def test_sentencepiece_model(tmp_path, spm_model):
     assert [r.tolist() for r in types] == [w[1] for w in want]
     text = saved.decode(ids[0][types[0] != 2].tolist(), skip_special_tokens=True)
     assert "q0 alpha beta" in text and "a0 gamma" in text
+
+
+def test_saved_tokenizer_names_a_class_older_transformers_know(tmp_path, llama_like_tok):
+    """transformers 5 saves ``TokenizersBackend``; the dataset's tokenizer/ names ``PreTrainedTokenizerFast``
+    (the same class in 5.x, and one 4.x knows), and loads to the same tokenizer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    _run_single(tmp_path, llama_like_tok, [{"prompt": "q0 alpha beta", "completion": "a0 gamma"}])
+    saved = tmp_path / "out" / "tokenizer"
+    assert json.loads((saved / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    text = "q0 alpha beta a0 gamma"
+    assert AutoTokenizer.from_pretrained(saved)(text).input_ids == hf_tokenizer(llama_like_tok)(text).input_ids

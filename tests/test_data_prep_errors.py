@@ -4,11 +4,12 @@ or flag and the fix, a non-zero exit, and nothing left at (or beside) the output
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from helpers import kill_points
 from test_data_prep_fixtures import (
     _train_bpe,
     leftovers,
@@ -18,7 +19,6 @@ from test_data_prep_fixtures import (
 )
 
 from modelzoo.data_prep.cli import main
-from modelzoo.data_prep.workers import FAULT_ENV
 
 GOOD = [{"prompt": f"q{i} alpha", "completion": f"a{i} beta"} for i in range(20)]
 
@@ -158,7 +158,7 @@ def test_overwrite_refuses_to_delete_a_non_dataset_dir(capsys, tmp_path, llama_l
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     assert main(prep_args(inp, precious, llama_like_tok, "--overwrite_output_path")) == 1
-    assert "does not look like a dataset" in capsys.readouterr().err
+    assert "has no sha256/files_metadata.json" in capsys.readouterr().err
     assert (precious / "thesis.tex").read_text() == "years of work" and leftovers(tmp_path) == []
 
 
@@ -168,7 +168,7 @@ def test_output_that_contains_the_input_is_refused(capsys, tmp_path, llama_like_
     inp = write_jsonl(data / "in.jsonl", GOOD)
     (data / "metadata.yaml").write_text("x: 1\n")  # looks like a dataset, but holds the input
     assert main(prep_args(inp, data, llama_like_tok, "--overwrite_output_path")) == 1
-    assert "contains the input" in capsys.readouterr().err and inp.exists()
+    assert "overlaps the input" in capsys.readouterr().err and inp.exists()
 
 
 def test_tokenizer_without_eos(capsys, tmp_path, tmp_path_factory):
@@ -214,10 +214,10 @@ def test_interrupted_run_leaves_nothing(capsys, tmp_path, llama_like_tok, monkey
 
 
 def test_worker_crash_fails_cleanly_without_hanging(tmp_path, llama_like_tok):
-    rows = [{"prompt": f"q{i} " + "alpha " * 40, "completion": "beta " * 40} for i in range(6000)]
-    inp = write_jsonl(tmp_path / "in.jsonl", rows)  # a few chunks, so chunk 1 exists
+    rows = [{"prompt": f"q{i} " + "alpha " * 40, "completion": "beta " * 40} for i in range(600)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    env = dict(os.environ, **{FAULT_ENV: "1"})
+    env = kill_points.site_env("modelzoo.data_prep.workers:_tokenize")  # SIGKILL in a worker process
     cmd = [sys.executable, "-m", "modelzoo.data_prep", *prep_args(inp, out, llama_like_tok, workers=2)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 1, done.stderr
@@ -241,7 +241,7 @@ def test_data_prep_never_overwrites_its_input(capsys, tmp_path, llama_like_tok):
         "--overwrite_output_path",
     ]
     assert main(args) == 1
-    assert "is or contains the input" in capsys.readouterr().err
+    assert "overlaps the input" in capsys.readouterr().err
     assert inp.read_bytes() == before and leftovers(tmp_path) == []
 
 
@@ -252,3 +252,61 @@ def test_data_prep_bad_lines_log_beside_the_file(capsys, tmp_path, llama_like_to
     assert main(args) == 0
     log = (tmp_path / "one.hdf5.json_load_failed_lines.log").read_text()
     assert log.startswith(f"{inp}:21: malformed JSON") and out.is_file() and leftovers(tmp_path) == []
+
+
+# -- bounds: --max_seq_length against the tokenizer/model, --max_line_bytes ------------------------
+def _tokenizer_with_limits(src, dst, model_max_length=None, max_position_embeddings=None):
+    """A copy of the tokenizer dir ``src`` stating a model_max_length and/or beside a model config.json."""
+    shutil.copytree(src, dst)
+    if model_max_length is not None:
+        config = json.loads((dst / "tokenizer_config.json").read_text())
+        config["model_max_length"] = model_max_length
+        (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    if max_position_embeddings is not None:
+        model = {"model_type": "llama", "max_position_embeddings": max_position_embeddings}
+        (dst / "config.json").write_text(json.dumps(model))
+    return dst
+
+
+def test_max_seq_length_above_model_max_length(capsys, tmp_path, llama_like_tok):
+    tok = _tokenizer_with_limits(llama_like_tok, tmp_path / "tok", model_max_length=64)
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", tok, L=128))
+    assert f"--max_seq_length 128 is above 64, the model_max_length of the tokenizer {tok}" in err
+    assert "--allow_long_sequences" in err
+    assert main(prep_args(inp, tmp_path / "out", tok, "--allow_long_sequences", L=128)) == 0
+
+
+def test_max_seq_length_above_max_position_embeddings(capsys, tmp_path, llama_like_tok):
+    tok = _tokenizer_with_limits(llama_like_tok, tmp_path / "tok", max_position_embeddings=48)
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", tok, L=64, command="data_prep"))
+    assert f"above 48, the max_position_embeddings of {tok / 'config.json'}" in err
+    assert main(prep_args(inp, tmp_path / "out", tok, L=48)) == 0
+
+
+def test_huge_max_seq_length_is_refused_before_any_tokenizing(capsys, tmp_path, llama_like_tok, monkeypatch):
+    from modelzoo.data_prep import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenizing started")
+
+    monkeypatch.setattr(pipeline, "TokenizePack", never)
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)  # the tokenizer states no model_max_length
+    err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, L=1_000_000_000))
+    assert "--max_seq_length 1000000000 is above 1,048,576, the hard cap" in err and "--allow_long_sequences" in err
+
+
+def test_line_over_max_line_bytes(capsys, tmp_path, llama_like_tok):
+    good = [json.dumps(r).encode() for r in GOOD]
+    long = json.dumps({"prompt": "p", "completion": "alpha " * 1000}).encode()
+    inp = lines_file(tmp_path, good[:2] + [long] + good[2:])
+    err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, "--max_line_bytes", "1000"))
+    assert f"{inp}:3: line longer than --max_line_bytes 1000" in err and "--ignore_input_format_error" in err
+    out = tmp_path / "out"
+    args = prep_args(inp, out, llama_like_tok, "--max_line_bytes", "1000", "--ignore_input_format_error",
+                     "--input_packing_config", "single::drop")
+    assert main(args) == 0
+    log = (out / "json_load_failed_lines.log").read_text().splitlines()
+    assert len(log) == 1 and log[0].startswith(f"{inp}:3: line longer than --max_line_bytes 1000")
+    assert len(read_split(out)[0]) == len(GOOD)

@@ -284,6 +284,8 @@ def test_help_explains_every_flag(capsys):
         "--overwrite_output_path",
         "--ignore_input_format_error",
         "--shuffle_ram_mb",
+        "--allow_long_sequences",
+        "--max_line_bytes",
     ]
     for flag in flags:
         assert flag in text, flag

@@ -8,7 +8,7 @@ import pytest
 from test_data_prep_fixtures import reference_pack
 
 from modelzoo.data_prep.errors import DataPrepError
-from modelzoo.data_prep.input_files import read_line_blocks, resolve_inputs
+from modelzoo.data_prep.input_files import READ_BLOCK_BYTES, LineLimit, read_line_blocks, resolve_inputs
 from modelzoo.data_prep.options import PackingConfig, SplitOptions, packing_choices
 from modelzoo.data_prep.packing import Packer
 from modelzoo.data_prep.shuffle import ExternalShuffle, shuffled_lines
@@ -120,6 +120,32 @@ def test_reader_skips_blank_lines_and_keeps_line_numbers(tmp_path):
     lines = [line for b in blocks for line in b.lines]
     numbers = [int(n) for b in blocks for n in b.line_no]
     assert lines == [b"a", b"b\r", b"c"] and numbers == [1, 4, 5]
+
+
+@pytest.mark.parametrize("mode", ["False", "on_RAM", "large_file"])
+def test_reader_drops_lines_over_the_limit_in_bounded_memory(tmp_path, mode):
+    """A 40 MiB line is reported (file, line number) and skipped while at most the limit plus a few read
+    blocks are held; the lines around it keep their numbers, in every read mode."""
+    import tracemalloc
+
+    path = tmp_path / "in.txt"
+    with open(path, "wb") as f:
+        f.write(b"a\n" + b"x" * (40 << 20) + b"\nb\n" + b"y" * (3 << 20))  # the last line has no newline
+    reported = []
+    limit = LineLimit(1 << 20, lambda file, line, size: reported.append((file, line, size > 1 << 20)))
+    tracemalloc.start()
+    try:
+        if mode == "False":
+            blocks = list(read_line_blocks(resolve_inputs(str(path)), block_bytes=1 << 20, limit=limit))
+        else:
+            blocks = list(shuffled_lines(resolve_inputs(str(path)), mode, 0, 64 << 20, tmp_path, limit))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = sorted((int(n), line) for block in blocks for n, line in zip(block.line_no, block.lines, strict=True))
+    assert kept == [(1, b"a"), (3, b"b")]
+    assert reported == [(path, 2, True), (path, 4, True)]
+    assert peak < (1 << 20) + 3 * READ_BLOCK_BYTES, f"peak {peak >> 20} MiB while reading"
 
 
 @pytest.mark.parametrize("mode", ["on_RAM", "large_file"])

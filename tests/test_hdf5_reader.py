@@ -209,3 +209,41 @@ def test_dataloader_batches(dataset):
     assert batch["input_ids"].shape == (2, 24) and batch["token_type_ids"].dtype == torch.int64
     assert sampler.state_dict()["position"] == 2
     assert isinstance(ds, PackedSequenceDataset)
+
+
+def _flip_first_chunk(path, name="input_ids", n=400):
+    """Same size, up to ``n`` bytes of the first stored chunk of dataset ``name`` flipped."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        block = f.read(min(n, info.size))
+        f.seek(info.byte_offset)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def test_damaged_file_is_a_one_line_dataset_error(dataset, tmp_path):
+    """A same-size corruption: the manifest's sha256 finds it on open (checksums=True); without it, the
+    read that hits it mid-training is a DatasetError naming the file, never an h5py traceback."""
+    import re
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    bad = copy / "train_2_of_3.hdf5"
+    _flip_first_chunk(bad)
+    with pytest.raises(DatasetError, match=f"{re.escape(str(bad))}: sha256 differs from the manifest"):
+        HDF5DatasetDir(copy, checksums=True)
+    ds = HDF5DatasetDir(copy)  # sizes agree: only the hashes or a read can tell
+    damaged = rf"^{re.escape(str(bad))}: not a readable dataset file \(cannot read it: .+\); .* restore it or re-run"
+    with ds.reader("train") as reader:
+        with pytest.raises(DatasetError, match=damaged) as info:
+            reader.rows(np.arange(len(reader)))
+        assert "\n" not in str(info.value)
+        reader.rows(np.array([0]))  # the other files still read
+    with pytest.raises(DatasetError, match=damaged):
+        ds.load("train")
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 2)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(bad))}: not a readable dataset file \(cannot open it: .*truncated"):
+        HDF5DatasetDir(copy, check_manifest_sizes=False).reader("train")

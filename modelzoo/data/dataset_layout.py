@@ -10,8 +10,10 @@ Layout, compatible with SambaNova's generative_data_prep::
     sha256/files_metadata.json                  {flat_name: {sha256, size, modified_time}}
 
 The manifest names a file by its path relative to the dataset dir with ``/`` replaced by ``_``
-(``tokenizer/tokenizer.json`` -> ``tokenizer_tokenizer.json``), as generative_data_prep does.
-Nothing here imports torch, so data-prep worker processes stay light.
+(``tokenizer/tokenizer.json`` -> ``tokenizer_tokenizer.json``), as generative_data_prep does. It
+never lists the bookkeeping files of modelzoo's atomic writes (``.modelzoo-scratch.json``,
+``.modelzoo-output.json``): a kill at the wrong instant may leave one in a finished dataset, which is
+still whole. Nothing here imports torch, so data-prep worker processes stay light.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import json
 import os
 import re
 from pathlib import Path
+
+from modelzoo.checkpoint.atomic import OUTPUT_MARKER, SCRATCH_OWNER
 
 REQUIRED_METADATA_KEYS = (
     "max_seq_length",
@@ -40,6 +44,7 @@ TOKENIZER_DIR = "tokenizer"
 TEST_DIR = "test_files"
 DATASET_NAMES = ("input_ids", "token_type_ids")
 SPLIT_FILE_RE = re.compile(r"^(train|dev)_(\d+)_of_(\d+)\.hdf5$")
+BOOKKEEPING_FILES = (SCRATCH_OWNER, OUTPUT_MARKER)  # top level only; never part of a dataset
 
 
 def split_file_name(split: str, index: int, count: int) -> str:
@@ -66,7 +71,8 @@ def sha256_of(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
 
 
 def manifest_entries(dataset_dir: str | os.PathLike) -> dict[str, Path]:
-    """``{flat_name: path}`` of every file in the dataset dir except the manifest dir itself."""
+    """``{flat_name: path}`` of every file in the dataset dir except the manifest dir itself and the
+    top-level ``BOOKKEEPING_FILES``."""
     root = Path(dataset_dir)
     entries = {}
     for folder, dirnames, filenames in os.walk(root):
@@ -76,9 +82,16 @@ def manifest_entries(dataset_dir: str | os.PathLike) -> dict[str, Path]:
             continue
         dirnames.sort()
         for name in sorted(filenames):
+            if rel_folder == Path(".") and name in BOOKKEEPING_FILES:
+                continue
             rel = (rel_folder / name).as_posix()
-            entries[rel.replace("/", "_")] = Path(folder) / name
+            entries[flat_name(rel)] = Path(folder) / name
     return entries
+
+
+def flat_name(relative_path: str) -> str:
+    """The manifest's name of a file: ``tokenizer/tokenizer.json`` -> ``tokenizer_tokenizer.json``."""
+    return relative_path.replace("/", "_")
 
 
 def write_manifest(dataset_dir: str | os.PathLike) -> Path:

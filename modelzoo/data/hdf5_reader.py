@@ -11,6 +11,8 @@ Datasets made by modelzoo-data-prep and by SambaNova's generative_data_prep both
 ``train_{i}_of_{N}.hdf5`` / ``dev_{i}_of_{M}.hdf5``, with ``metadata.yaml``. ``ds.reader(split)``
 reads rows lazily (what training uses); ``ds.load(split)`` / ``ds.dataset(split)`` read the split
 whole into memory (int32 numpy), files in index order; both go through the same file checks.
+A damaged file (truncated, overwritten) is a one-line ``DatasetError`` naming it, on open or on any
+later read; ``checksums=True`` finds damage h5py cannot see (the sha256 manifest).
 """
 
 from __future__ import annotations
@@ -34,10 +36,18 @@ from modelzoo.data.dataset_layout import (
 )
 
 _SPLITS = {"train": "number_of_training_files", "dev": "number_of_dev_files"}
+H5_ERRORS = (OSError, RuntimeError, KeyError)  # what h5py raises on a damaged file
 
 
 class DatasetError(ValueError):
     """A dataset dir that breaks the contract; the message names the file or key and the fix."""
+
+
+def damaged_file(path: Path, err: Exception, doing: str = "read") -> DatasetError:
+    """The one-line error for an HDF5 file h5py failed to open or read (its reason: first line)."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return DatasetError(f"{path}: not a readable dataset file (cannot {doing} it: {reason}); the file is "
+                        "damaged or not HDF5 -- restore it or re-run data prep")
 
 
 @dataclass
@@ -139,10 +149,13 @@ class SplitReader:
             for path in self.files:
                 try:
                     handle = h5py.File(path, "r")
-                except OSError as err:
-                    raise DatasetError(f"{path}: not a readable dataset file ({err}); re-run data prep") from err
+                except H5_ERRORS as err:
+                    raise damaged_file(path, err, "open") from err
                 self.handles.append(handle)
-                shape = _check_datasets(path, handle, max_seq_length)
+                try:
+                    shape = _check_datasets(path, handle, max_seq_length)
+                except H5_ERRORS as err:
+                    raise damaged_file(path, err) from err
                 sizes.append(shape[0])
                 widths.add(shape[1])
             if len(widths) > 1:
@@ -169,7 +182,8 @@ class SplitReader:
         self.handles = []
 
     def rows(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` (any order) as int64 ``[len(indices), seq_len]`` tensors."""
+        """Rows ``indices`` (any order) as int64 ``[len(indices), seq_len]`` tensors; a damaged file
+        is a DatasetError naming it."""
         indices = np.asarray(indices, dtype=np.int64)
         out_ids = np.empty((len(indices), self.seq_len), dtype=np.int64)
         out_types = np.empty_like(out_ids)
@@ -178,8 +192,11 @@ class SplitReader:
             sel = np.nonzero(file_of == f)[0]
             rows, where = np.unique(indices[sel] - self.offsets[f], return_inverse=True)  # h5py: increasing
             handle = self.handles[f]
-            out_ids[sel] = handle["input_ids"][rows][where]
-            out_types[sel] = handle["token_type_ids"][rows][where]
+            try:
+                out_ids[sel] = handle["input_ids"][rows][where]
+                out_types[sel] = handle["token_type_ids"][rows][where]
+            except H5_ERRORS as err:
+                raise damaged_file(self.files[f], err) from err
         return {"input_ids": torch.from_numpy(out_ids), "token_type_ids": torch.from_numpy(out_types)}
 
     def read_all(self) -> SplitArrays:
@@ -187,7 +204,13 @@ class SplitReader:
         if not self.handles:
             empty = np.zeros((0, self.seq_len), dtype=np.int32)
             return SplitArrays(empty, empty.copy())
-        parts = {name: [np.asarray(h[name][...], dtype=np.int32) for h in self.handles] for name in DATASET_NAMES}
+        parts = {name: [] for name in DATASET_NAMES}
+        for path, handle in zip(self.files, self.handles, strict=True):
+            try:
+                for name in DATASET_NAMES:
+                    parts[name].append(np.asarray(handle[name][...], dtype=np.int32))
+            except H5_ERRORS as err:
+                raise damaged_file(path, err) from err
         return SplitArrays(*(np.concatenate(parts[name]) for name in DATASET_NAMES))
 
 
