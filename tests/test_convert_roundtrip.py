@@ -58,7 +58,8 @@ def test_hf_to_meta_to_hf_is_bit_identical(tmp_path, preset, n_mp, dtype):
     src = save_hf(tmp_path, preset, dtype)
     run("hf-to-meta", "--input", str(src), "--output", str(tmp_path / "meta"), "--model-parallel", str(n_mp))
     meta_files = sorted(p.name for p in (tmp_path / "meta").iterdir())
-    assert meta_files == sorted(["params.json"] + [f"consolidated.{i:02d}.pth" for i in range(n_mp)])
+    assert meta_files == sorted([".modelzoo-output.json", "params.json"] +
+                                [f"consolidated.{i:02d}.pth" for i in range(n_mp)])
     shard0 = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True, mmap=True)
     assert all(t.dtype == dtype for t in shard0.values())
     run("meta-to-hf", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "back"), "--model-size", preset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -95,3 +96,37 @@ def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "modelzoo.cli.convert", "verify", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--logits-atol" in result.stdout
+
+
+def nudge(file, name: str, index: int = 3) -> None:
+    """Move element ``index`` of tensor ``name`` in the safetensors ``file`` up by one ulp."""
+    state = load_file(file)
+    flat = state[name].view(-1)
+    flat[index] = torch.nextafter(flat[index], torch.tensor(float("inf")))
+    save_file(state, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("n_chips", "tensor", "rank", "first"), [
+    (2, "model.norm.weight", 1, 0),                        # replicated on every chip
+    (4, "model.layers.1.post_attention_layernorm.weight", 3, 0),
+    (4, "model.layers.1.self_attn.v_proj.weight", 1, 0),   # 2 KV heads on 4 chips: chip 1 repeats chip 0's
+    (4, "model.layers.0.self_attn.k_proj.weight", 3, 2),
+    (2, "model.layers.0.mlp.up_proj.weight", 1, None),     # sharded: caught before too
+])
+def test_verify_compares_every_chips_copy(tmp_path, capsys, n_chips, tensor, rank, first):
+    src, tp = tmp_path / "hf", tmp_path / "tp"
+    stock_model("llama3_tiny").save_pretrained(src)
+    assert main(["shard", "--input", str(src), "--output", str(tp), "--n-chips", str(n_chips), "--quiet"]) == 0
+    kv_mode = json.loads((tp / "tp_shards.json").read_text())["kv_mode"]
+    assert kv_mode == ("replicate" if n_chips == 4 else "shard")
+    assert main(["verify", str(src), str(tp), "--logits", "never"]) == 0
+    nudge(tp / f"rank_{rank:02d}" / "model.safetensors", tensor)
+    capsys.readouterr()
+    assert main(["verify", str(src), str(tp), "--logits", "never"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  chip copies (B)" in out and f"1 chip copies differ: chip {rank} {tensor} (differs from A" in out
+    assert f"rank_{rank:02d}/model.safetensors" in out
+    if first is not None:  # with a tolerance the replicas must still be bitwise equal to each other
+        assert main(["verify", str(src), str(tp), "--logits", "never", "--atol", "1e-3"]) == 1
+        assert f"chip {rank} {tensor} (differs from chip {first}'s copy)" in capsys.readouterr().out
+        assert main(["verify", str(tp), str(tp), "--logits", "never"]) == 1  # a shard dir against itself

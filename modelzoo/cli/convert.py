@@ -3,7 +3,9 @@
 Every subcommand streams: each tensor (or block of rows) is memory-mapped from its file on its own,
 torch files are only ever unpickled with weights_only=True, one output tensor is built and written at
 a time, the stored dtype is kept, safetensors are sharded with an index, and the output is built in a
-hidden temp dir that is renamed into place only when complete.
+hidden scratch dir that is renamed into place only when complete. An existing --output is replaced
+(--overwrite) only when it is empty or an earlier conversion's output (its .modelzoo-output.json lists
+exactly the files present); scratch left by a killed run is removed by the next run (it says so).
 Exit code 0 on success, 1 when `verify` finds a mismatch, 2 on bad input (one line: `error: ...`).
 """
 
@@ -32,8 +34,9 @@ ACCEPTS = {"meta-to-hf": ("meta",), "hf-to-meta": ("hf", "tp-shards"), "shard": 
 def _io_args(parser: argparse.ArgumentParser, weights: bool = True) -> None:
     parser.add_argument("--input", required=True, metavar="DIR", help="checkpoint directory to read")
     parser.add_argument("--output", required=True, metavar="DIR",
-                        help="directory to create (built in a hidden temp dir beside it, renamed when complete)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (after success)")
+                        help="directory to create (built in a hidden scratch dir beside it, renamed when complete)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it is empty or an earlier conversion's output (after success)")
     if weights:
         parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                             help="cut safetensors files at this size, e.g. 5GB, 500MB (default: 5GB)")
@@ -95,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="compare two checkpoints in any of these formats",
                        description="Compare config, structure (names, shapes, dtypes, parameter count, NaN/Inf), "
-                                   "weights (bitwise, or --atol) and logits at several positions (incl. beyond the "
-                                   "original context when llama3 rope scaling applies). Exit 1 on a mismatch.")
+                                   "weights (bitwise, or --atol; for a TP shard dir every chip's copy of every "
+                                   "tensor, replicas included, naming the chip and tensor that differ) and logits "
+                                   "at several positions (incl. beyond the original context when llama3 rope "
+                                   "scaling applies). Exit 1 on a mismatch.")
     p.add_argument("a", metavar="A", help="checkpoint dir (hf, meta, tp-shards or int8)")
     p.add_argument("b", metavar="B", help="checkpoint dir to compare with A")
     p.add_argument("--atol", type=float, default=0.0, help="weight tolerance; 0 = bitwise, dtypes must match (default)")
@@ -124,20 +129,19 @@ def _open_input(args: argparse.Namespace):
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from modelzoo.convert.atomic import atomic_output_dir, check_output
+    from modelzoo.convert.output import conversion_output
     from modelzoo.convert.progress import Progress
     from modelzoo.convert.safetensors_io import parse_size
 
-    check_output(args.output, [args.input], args.overwrite)
     max_shard = parse_size(getattr(args, "max_shard_size", "5GB"))
-    view = _open_input(args)
-    for note in view.notes:
-        print(f"note: {note}")
-    n_notes = len(view.notes)
-    start = time.perf_counter()
     bar = Progress(args.command, show=not args.quiet)
     try:
-        with atomic_output_dir(args.output, args.overwrite) as tmp:
+        with conversion_output(args.command, args.output, [args.input], args.overwrite) as tmp:
+            view = _open_input(args)
+            for note in view.notes:
+                print(f"note: {note}")
+            n_notes = len(view.notes)
+            start = time.perf_counter()
             if args.command in ("meta-to-hf", "unshard"):
                 from modelzoo.convert.hf_dir import write_hf
 

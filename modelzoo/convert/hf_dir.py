@@ -7,6 +7,7 @@ files, and the weights as ``model.safetensors`` or ``model-0000i-of-0000n.safete
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
+from modelzoo.checkpoint.hf_files import add_v4_config_fields
 from modelzoo.checkpoint.hf_weights import IGNORED_SUFFIXES, CheckpointError, weight_files
 from modelzoo.checkpoint.int8 import QUANT_KEY, SCALE_SUFFIX, dequantize_weight
 from modelzoo.models.llama.loading import load_llama_config
@@ -113,11 +115,18 @@ def generation_config_for(view: CheckpointView) -> dict[str, Any]:
 
 def write_hf_metadata(view: CheckpointView, out_dir: Path, config: LlamaConfig | None = None,
                       dtype: torch.dtype | None = None, instruct: bool = False) -> None:
-    """``config.json``, ``generation_config.json`` and tokenizer files of ``view`` into ``out_dir``."""
-    config = config or view.config
+    """``config.json``, ``generation_config.json`` and tokenizer files of ``view`` into ``out_dir``.
+
+    ``config.json`` always names ``architectures: ["LlamaForCausalLM"]`` (what the weights are,
+    whatever the input said; llama.cpp's converter and serving stacks dispatch on it) and carries
+    the transformers 4.x fields (:func:`add_v4_config_fields`); ``tokenizer_config.json`` names a class
+    transformers 4.x and 5.x both load.
+    """
+    config = copy.deepcopy(config or view.config)
     config.dtype = dtype or stored_dtype(view)
-    config.architectures = config.architectures or ["LlamaForCausalLM"]
+    config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(out_dir)
+    add_v4_config_fields(out_dir / "config.json")
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config_for(view), indent=2) + "\n")
     if view.tokenizer is not None:
         view.tokenizer.write_hf(out_dir, instruct=instruct)

@@ -5,8 +5,9 @@ Meta ships one ``tokenizer.model``:
 - Llama-2: a sentencepiece BPE model (byte fallback). Converted to an HF ``tokenizer.json`` with the
   pipeline of the official ``*-hf`` repos (prepend "▁", spaces -> "▁", BPE with byte fallback,
   ``<s>`` added in front), which encodes exactly like sentencepiece. It is saved with
-  ``tokenizer_class: PreTrainedTokenizerFast`` because transformers 5's ``LlamaTokenizer`` rebuilds
-  its own pipeline and then differs from sentencepiece on leading whitespace. ``tokenizer.model`` is
+  ``tokenizer_class: PreTrainedTokenizerFast`` (never ``LlamaTokenizer``: transformers 5's rebuilds
+  its own pipeline and then differs from sentencepiece on leading whitespace; never 5's
+  ``TokenizersBackend``: 4.x does not know it). ``tokenizer.model`` is
   copied beside it.
 - Llama-3.x: a tiktoken rank file (``base64(token_bytes) rank`` per line). Parsed here (no
   ``tiktoken`` package needed) into a byte-level BPE ``tokenizer.json`` (merges recovered from the
@@ -27,13 +28,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelzoo.checkpoint.hf_files import TOKENIZER_FILES, make_tokenizer_portable
 from modelzoo.checkpoint.hf_weights import CheckpointError
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_SPECIAL = 256
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "added_tokens.json", "chat_template.jinja", "chat_template.json")
 _TIKTOKEN_LINE = re.compile(rb"^([A-Za-z0-9+/]+=*) (\d+)$")
 
 
@@ -215,7 +215,7 @@ class TokenizerSource:
 
     @classmethod
     def from_hf_dir(cls, path: Path) -> TokenizerSource | None:
-        files = [path / name for name in HF_TOKENIZER_FILES if (path / name).is_file()]
+        files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
         model = next((p for p in (path / "tokenizer.model", path / "original" / "tokenizer.model") if p.is_file()), None)
         return cls(files, model) if files or model else None
 
@@ -231,6 +231,8 @@ class TokenizerSource:
         return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "size": sp.vocab_size()}
 
     def write_hf(self, out_dir: Path, instruct: bool = False) -> None:
+        """HF tokenizer files into ``out_dir``: the input's copied (only :data:`TOKENIZER_FILES`, never
+        a marker or other file of the input), or converted from ``tokenizer.model``."""
         if self.hf_files:
             for file in self.hf_files:
                 shutil.copyfile(file, out_dir / file.name)
@@ -239,6 +241,7 @@ class TokenizerSource:
                 tiktoken_to_hf(self.meta_model, out_dir, instruct)
             else:
                 sentencepiece_to_hf(self.meta_model, out_dir)
+        make_tokenizer_portable(out_dir)
 
     def write_meta(self, out_dir: Path) -> bool:
         if self.meta_model is not None:

@@ -22,6 +22,7 @@ the memory-mapped input, so memory stays near one tensor. Tests check the result
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -189,6 +190,51 @@ def _unshard_source(name: str, shape: tuple[int, ...], dtype: torch.dtype, reade
     return TensorSource(name, dtype, shape, produce, where=f"{readers[0].path.parent.parent}/rank_*")
 
 
+@dataclass
+class ChipCopies:
+    """Every chip's stored copy of each tensor of a shard dir, and what the plan says it must hold.
+
+    ``unshard`` reads each replicated row (norms, a tied embedding, KV heads replicated over chips)
+    from its first holder only; :meth:`expected` lets ``verify`` check all the others too.
+    """
+
+    layout: TPLayout
+    head_dim: int
+    readers: dict[str, list[SafetensorsFile]]  # HF name -> the file holding it, per chip
+
+    @property
+    def n_chips(self) -> int:
+        return self.layout.n_chips
+
+    def stored(self, name: str, rank: int) -> torch.Tensor:
+        """Chip ``rank``'s copy of ``name`` as stored (a mapping of the file, not read yet)."""
+        return self.readers[name][rank].get(name)
+
+    def where(self, name: str, rank: int) -> Path:
+        return self.readers[name][rank].path
+
+    def expected(self, name: str, full: torch.Tensor, rank: int):
+        """Row blocks of what chip ``rank`` must hold of ``name`` when the full tensor is ``full``."""
+        if full.dim() != 2:
+            yield shard_tensor(name, full, self.layout, rank, self.head_dim)
+            return
+        runs = shard_runs(name, tuple(full.shape), self.layout, rank, self.head_dim)
+        yield from _gather(full, runs, _split_dim(name, self.layout))
+
+    def held(self, name: str, shape: tuple[int, ...], rank: int) -> set[int]:
+        """Which rows (columns of a row-parallel weight; elements of a 1-D tensor) chip ``rank`` holds."""
+        if len(shape) == 2:
+            runs = shard_runs(name, shape, self.layout, rank, self.head_dim)
+            return {i for start, length in runs if start >= 0 for i in range(start, start + length)}
+        index = torch.arange(shape[0] if shape else 1).reshape(shape)
+        return set(shard_tensor(name, index, self.layout, rank, self.head_dim).reshape(-1).tolist())
+
+    def first_holder(self, name: str, shape: tuple[int, ...], rank: int) -> int | None:
+        """The lowest chip that holds part of what chip ``rank`` holds of ``name`` (None: no other)."""
+        mine = self.held(name, shape, rank)
+        return next((other for other in range(rank) if mine & self.held(name, shape, other)), None)
+
+
 def open_tp_shards(path: str | Path) -> CheckpointView:
     """Read a shard dir: manifest, config, every chip's tensor headers (all checked against the plan)."""
     path = Path(path)
@@ -217,7 +263,7 @@ def open_tp_shards(path: str | Path) -> CheckpointView:
         bad = sorted(set(listed) ^ set(expected)) or [n for n in expected if listed[n] != expected[n]]
         raise CheckpointError(f"{path / MANIFEST}: tensor list disagrees with config.json (first: '{bad[0]}'); "
                               "the manifest and config do not belong together")
-    sources = {}
+    sources, chip_files = {}, {}
     for name, entry in manifest["tensors"].items():
         shape, dtype = tuple(entry["shape"]), DTYPES[entry["dtype"]]
         chip_readers = []
@@ -231,9 +277,11 @@ def open_tp_shards(path: str | Path) -> CheckpointView:
                                       f"the TP plan gives chip {rank} {dtype} {list(want)}")
             chip_readers.append(names[name])
         sources[name] = _unshard_source(name, shape, dtype, chip_readers, layout, config)
+        chip_files[name] = chip_readers
     gen_file = path / "generation_config.json"
     view = CheckpointView(path, "tp-shards", config, sources,
                           json.loads(gen_file.read_text()) if gen_file.is_file() else None,
-                          TokenizerSource.from_hf_dir(path), native_tensors=sum(len(r) for r in readers))
+                          TokenizerSource.from_hf_dir(path), native_tensors=sum(len(r) for r in readers),
+                          chips=ChipCopies(layout, head_dim, chip_files))
     view.generation_config = view.generation_config or generation_config_for(view)
     return view

@@ -6,6 +6,10 @@ Both are read as HF views (Meta merged, TP shards unsharded, int8 dequantized), 
 2. structure: tensor names, shapes, dtypes, parameter count;
 3. finite: NaN/Inf in either;
 4. weights: bitwise (default) or ``max|a-b| <= atol`` in fp32, streamed a row block at a time;
+   for a TP shard dir, every chip's copy of every tensor too (``unshard`` reads a replicated row
+   from its first holder only): each must be what the TP plan gives that chip of the other side's
+   tensor (bitwise, or within ``atol``), and replicas must be bitwise equal to each other; a
+   failure names the chip, the tensor and what it differs from;
 5. logits on fixed random tokens at several positions: ``0..L-1``, across the original context
    (e.g. 8192) when llama3 rope scaling applies, and at the end of the context; max/mean abs diff
    and top-1 agreement. Needs both models in fp32 in memory; ``auto`` skips it (saying so) when
@@ -41,6 +45,12 @@ def config_diff(a, b) -> list[str]:
 
 def _raw(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _max_abs_diff(xa: torch.Tensor, xb: torch.Tensor) -> float:
+    """max |xa - xb| in fp32, NaN counting as infinite (0.0 for empty tensors)."""
+    diff = (xa.float() - xb.float()).abs()
+    return float(diff.nan_to_num(float("inf")).max()) if diff.numel() else 0.0
 
 
 def _mem_available() -> int:
@@ -127,8 +137,7 @@ def verify(a: CheckpointView, b: CheckpointView, *, atol: float = 0.0, logits: s
             if xb.is_floating_point():
                 bad_b += int((~torch.isfinite(xb)).sum())
             same_bits = False
-            diff = (xa.float() - xb.float()).abs()
-            max_diff = max(max_diff, float(diff.nan_to_num(float("inf")).max()) if diff.numel() else 0.0)
+            max_diff = max(max_diff, _max_abs_diff(xa, xb))
         if bad_a or bad_b:
             nonfinite.append(f"{name} ({bad_a} in A, {bad_b} in B)")
         if not same_bits and (atol == 0 or max_diff > atol):
@@ -141,6 +150,9 @@ def verify(a: CheckpointView, b: CheckpointView, *, atol: float = 0.0, logits: s
     if worst[0] > 0:
         detail += f"; max|diff| {worst[0]:.3e} in {worst[1]}"
     report.row("weights", not differing, detail)
+    for tag, view, other_tag, other in (("A", a, "B", b), ("B", b, "A", a)):
+        if view.chips is not None:
+            _check_chips(tag, view, other_tag, other, comparable, report, atol)
 
     if logits != "never" and not (only_a or only_b or shape_bad):
         need = 4 * (a.n_params + b.n_params)
@@ -178,3 +190,53 @@ def _check_logits(a: CheckpointView, b: CheckpointView, report: _Report, logits_
         report.row(f"logits @{start}..{start + seq_len - 1}", ok,
                    f"max|diff| {float(diff.max()):.2e} mean {float(diff.mean()):.2e} top-1 {100 * top1:.1f}% "
                    f"(tol {logits_atol:g}, top-1 >= {100 * min_top1:.0f}%)")
+
+
+def _chip_diff(chips, name: str, full: torch.Tensor, rank: int, atol: float) -> float | None:
+    """None when chip ``rank``'s stored copy of ``name`` is what the TP plan gives it of ``full``
+    (bitwise; within ``atol`` when that is > 0); else the max |diff|."""
+    stored = chips.stored(name, rank)
+    offset, worst, equal = 0, 0.0, True
+    for block in chips.expected(name, full, rank):
+        part = stored[offset:offset + block.shape[0]] if stored.dim() == 2 else stored
+        offset += block.shape[0] if stored.dim() == 2 else 0
+        if part.dtype == block.dtype and torch.equal(_raw(part), _raw(block)):
+            continue
+        equal = False
+        worst = max(worst, _max_abs_diff(part, block))
+    return None if equal or (atol > 0 and worst <= atol) else worst
+
+
+def _check_chips(tag: str, view: CheckpointView, other_tag: str, other: CheckpointView, names: list[str],
+                 report: _Report, atol: float) -> None:
+    """The "chip copies" row of a TP shard dir ``view``: every chip's copy of every tensor against
+    ``other``'s tensor as the plan shards it, and (where that is not already bitwise) against the
+    first holder's copy, bitwise. One tensor of each side in memory at a time."""
+    chips, bad = view.chips, []
+    self_checked = False
+    for name in names:
+        mine = view.sources[name]
+        ref_ok = atol > 0 or mine.dtype == other.sources[name].dtype  # else the weights row reports it
+        ref = other.sources[name].materialize() if ref_ok else None
+        own = None
+        if not (ref_ok and atol == 0):  # no bitwise check against the other side: compare the replicas
+            own, self_checked = mine.materialize(), True
+        for rank in range(chips.n_chips):
+            reasons = []
+            diff = _chip_diff(chips, name, ref, rank, atol) if ref is not None else None
+            if diff is not None:
+                reasons.append(f"differs from {other_tag}, max|diff| {diff:.3e}")
+            if own is not None and _chip_diff(chips, name, own, rank, 0.0) is not None:
+                first = chips.first_holder(name, mine.shape, rank)
+                reasons.append("its padding is not zero" if first is None else f"differs from chip {first}'s copy")
+            if reasons:
+                bad.append(f"chip {rank} {name} ({'; '.join(reasons)}) in {chips.where(name, rank)}")
+        del ref, own
+    if bad:
+        more = f" ... {len(bad) - 3} more" if len(bad) > 3 else ""
+        detail = f"{len(bad)} chip copies differ: {', '.join(bad[:3])}{more}"
+    else:
+        mode = "bitwise" if atol == 0 else f"atol {atol:g}"
+        detail = (f"{chips.n_chips} chips x {len(names)} tensors equal {other_tag} ({mode})"
+                  + ("; replicas bitwise equal" if self_checked else ""))
+    report.row(f"chip copies ({tag})", not bad, detail)

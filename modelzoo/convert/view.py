@@ -86,6 +86,7 @@ class CheckpointView:
     notes: list[str] = field(default_factory=list)
     native_tensors: int = 0  # tensors as stored (Meta: per MP file; shards: per chip)
     quantized_modules: list[str] = field(default_factory=list)
+    chips: Any = None  # tp-shards: modelzoo.convert.tp_shards.ChipCopies (every chip's stored copy)
 
     @property
     def total_bytes(self) -> int:
