@@ -6,6 +6,7 @@ Each article is a prompt of random tokens followed by a completion that repeats 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -34,10 +35,17 @@ def _rows(n_rows: int, seq_len: int, vocab: int, rng: np.random.Generator):
     return ids, types
 
 
+SAMPLE_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "sample" / "tokenizer"
+
+
 def write_dataset(root: Path, *, n_train_files: int = 2, rows_per_file: int = 16, n_dev: int = 8,
-                  seq_len: int = 32, vocab: int = 64, seed: int = 0) -> Path:
+                  seq_len: int = 32, vocab: int = 64, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """A dataset dir; ``tokenizer`` (e.g. :data:`SAMPLE_TOKENIZER`) is copied to ``tokenizer/`` as data
+    prep does, so training copies its files into every checkpoint."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, root / "tokenizer")
     for i in range(1, n_train_files + 1):
         ids, types = _rows(rows_per_file, seq_len, vocab, rng)
         with h5py.File(root / f"train_{i}_of_{n_train_files}.hdf5", "w") as f:

@@ -9,7 +9,7 @@ import h5py
 import pytest
 import torch
 from conftest import stock_model
-from synthetic_data import write_dataset
+from synthetic_data import SAMPLE_TOKENIZER, write_dataset
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +17,9 @@ from modelzoo.cli.train import main as train_main
 from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, write_plan
 from modelzoo.config import load_config, shipped_configs
 from modelzoo.data.dataset_layout import write_manifest
+from modelzoo.data.hdf5_reader import DatasetError
 from modelzoo.parallel.mesh import spawn_cpu
+from modelzoo.training.data import open_training_data
 from modelzoo.training.trainer import Trainer
 
 
@@ -222,21 +224,152 @@ def test_truncated_rows_are_refused(tmp_path, capsys):
     assert code == 2 and "train_1_of_1.hdf5" in err
 
 
-def _resume_worker(rank, world_size, tmp, data, extra, stop_after):
-    cfg = _cfg(Path(tmp), Path(data), **extra)
-    result = Trainer(cfg, stop_after=stop_after, quiet=True).fit()
-    if rank == 0:
-        torch.save({"losses": torch.tensor(_losses(result["history"]), dtype=torch.float64)}, f"{tmp}/losses.pt")
+# ---------------------------------------------------------------- off the happy path (issue 11)
 
 
-def test_distributed_resume_matches_uninterrupted(tmp_path, data):
-    """Sharded (DTensor) optimizer state round-trips through a checkpoint: TP=2 resume is exact.
-    (FSDP shards take the same DTensor path; checked by hand, left out to keep the suite short.)"""
-    steps = {"training.max_steps": 6, "checkpoint.save_every": 3,
-             "samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": 2}
-    spawn_cpu(_resume_worker, 2, str(tmp_path / "a"), str(data), steps, None)
-    full = torch.load(tmp_path / "a" / "losses.pt", weights_only=True)["losses"]
-    spawn_cpu(_resume_worker, 2, str(tmp_path / "b"), str(data), steps, 4)
-    spawn_cpu(_resume_worker, 2, str(tmp_path / "b"), str(data), {**steps, "checkpoint.resume": True}, None)
-    resumed = torch.load(tmp_path / "b" / "losses.pt", weights_only=True)["losses"]
-    assert torch.equal(resumed, full[3:])
+@pytest.fixture(scope="module")
+def data_with_tokenizer(tmp_path_factory):
+    """A dataset with ``tokenizer/``, as data prep writes it: its files go into every checkpoint."""
+    return write_dataset(tmp_path_factory.mktemp("dstok") / "data", n_train_files=2, rows_per_file=16,
+                         tokenizer=SAMPLE_TOKENIZER)
+
+
+def test_resume_saves_what_it_trained_even_after_pruning_its_source(tmp_path, data_with_tokenizer):
+    """Every checkpoint a resumed run writes holds its own weights (not the ones it resumed from),
+    and pruning the checkpoint it resumed from breaks nothing (three saves after the resume, keep 2)."""
+    steps = {"training.max_steps": 8, "checkpoint.save_every": 2, "checkpoint.keep_last": 2}
+    Trainer(_cfg(tmp_path / "a", data_with_tokenizer, **{**steps, "checkpoint.keep_last": 0}), quiet=True).fit()
+    Trainer(_cfg(tmp_path / "b", data_with_tokenizer, **steps), stop_after=3, quiet=True).fit()
+    Trainer(_cfg(tmp_path / "b", data_with_tokenizer, **steps, **{"checkpoint.resume": True}), quiet=True).fit()
+    kept = sorted(p.name for p in (tmp_path / "b" / "ck").iterdir())
+    assert kept == ["latest", "step_00000006", "step_00000008"]  # the step-2 source is gone
+    for step in ("step_00000006", "step_00000008"):
+        a, b = _load_hf(tmp_path / "a" / "ck" / step), _load_hf(tmp_path / "b" / "ck" / step)
+        assert all(torch.equal(a[k], b[k]) for k in a), step
+    a4 = _load_hf(tmp_path / "a" / "ck" / "step_00000004")
+    b8 = _load_hf(tmp_path / "b" / "ck" / "step_00000008")
+    assert not all(torch.equal(a4[k], b8[k]) for k in a4)
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "out" / "metrics.jsonl").read_text().splitlines()
+                    if "loss" in json.loads(line)]
+    assert steps_logged == list(range(1, 9))  # the steps after the checkpoint are not logged twice
+
+
+def test_checkpoint_opens_in_older_tools(tmp_path, data_with_tokenizer):
+    """config.json names its architecture; the tokenizer class is one transformers 4.x knows too."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    Trainer(_cfg(tmp_path, data_with_tokenizer, **{"training.max_steps": 1}), quiet=True).fit()
+    ckpt = tmp_path / "ck" / "step_00000001"
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert json.loads((ckpt / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert AutoConfig.from_pretrained(ckpt).architectures == ["LlamaForCausalLM"]
+    ours = AutoTokenizer.from_pretrained(ckpt)
+    source = AutoTokenizer.from_pretrained(SAMPLE_TOKENIZER)
+    text = "The capital of France is Paris."
+    assert ours(text).input_ids == source(text).input_ids
+    assert (ours.eos_token, ours.pad_token) == (source.eos_token, source.pad_token)
+
+
+def test_fresh_run_never_deletes_earlier_checkpoints(tmp_path, data, capsys):
+    """A fresh run into a save_dir with checkpoints is refused; checkpoint.overwrite replaces only ours."""
+    code, _ = _run_cli(tmp_path, data, capsys, **{"training.max_steps": 2})
+    assert code == 0
+    code, err = _run_cli(tmp_path, data, capsys, **{"training.max_steps": 2})
+    assert code == 2 and "already holds checkpoints" in err and "checkpoint.resume=true" in err
+    decoy = tmp_path / "ck" / "step_00000001"  # looks like a checkpoint, but is not one we wrote
+    decoy.mkdir()
+    (decoy / "notes.txt").write_text("mine")
+    code, err = _run_cli(tmp_path, data, capsys, **{"training.max_steps": 2, "checkpoint.overwrite": True})
+    assert code == 2 and "step_00000001" in err and "refusing to delete" in err
+    assert (decoy / "notes.txt").read_text() == "mine"
+    decoy.joinpath("notes.txt").unlink()
+    decoy.rmdir()
+    ours = tmp_path / "ck" / "step_00000002"
+    (ours / "extra.txt").write_text("added by hand")  # a checkpoint of ours with a file added: not ours now
+    code, err = _run_cli(tmp_path, data, capsys, **{"training.max_steps": 2, "checkpoint.overwrite": True})
+    assert code == 2 and "extra.txt" in err and (ours / "extra.txt").is_file()
+    (ours / "extra.txt").unlink()
+    code, err = _run_cli(tmp_path, data, capsys, **{"training.max_steps": 2, "checkpoint.overwrite": True})
+    assert code == 0 and "removed 1 checkpoint(s)" in err
+
+
+def test_preflight_checks_dataset_checksums(tmp_path, capsys):
+    """A same-size corrupt file is caught before training (and training.verify_checksums=false skips the
+    re-hash, checking names and sizes only)."""
+    bad = write_dataset(tmp_path / "bad", n_train_files=2)
+    path = bad / "train_2_of_2.hdf5"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 400] = bytes(400)
+    path.write_bytes(bytes(raw))
+    code, err = _run_cli(tmp_path, bad, capsys)
+    assert code == 2 and "train_2_of_2.hdf5: sha256 differs" in err and len(err.splitlines()) == 1
+    open_training_data(str(bad), 32, 1024, 1, checksums=False)  # sizes agree: only the re-hash sees it
+    with pytest.raises(DatasetError, match="sha256"):
+        open_training_data(str(bad), 32, 1024, 1, checksums=True)
+
+
+def test_sequence_length_beyond_the_model_is_refused(tmp_path, data, capsys):
+    code, err = _run_cli(tmp_path, data, capsys, **{"model.overrides": "{max_position_embeddings: 16}"})
+    assert code == 2 and "max_position_embeddings=16" in err and "training.allow_long_sequences=true" in err
+    cfg = _cfg(tmp_path, data, **{"model.overrides": "{max_position_embeddings: 16}",
+                                  "training.allow_long_sequences": True, "training.max_steps": 1})
+    assert Trainer(cfg, quiet=True).fit()["step"] == 1
+
+
+def test_stale_plan_names_the_changed_field_briefly(tmp_path):
+    cfg = load_config("llama2_7b", [f"samba_compile.output_folder={tmp_path}"])
+    write_plan(build_plan(cfg), tmp_path)
+    changed = load_config("llama2_7b", [f"samba_compile.output_folder={tmp_path}", "model.overrides={vocab_size: 32001}"])
+    with pytest.raises(PlanError) as err:
+        check_plan_for_run(changed)
+    assert "architecture.vocab_size: plan 32000 vs run 32001" in str(err.value)
+    assert len(str(err.value)) < 300
+
+
+def _tree(pid: int):
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_launcher_listens_on_loopback_only_and_workers_die_with_it(tmp_path, data):
+    """A DP=2 run: every listening socket of the launcher and its workers is on 127.0.0.1; kill -9
+    of the launcher takes the workers with it."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    args = _overrides(tmp_path, data, **{"data_parallel.world_size": 2, "training.max_steps": 100000,
+                                         "training.deterministic": False, "checkpoint.save_every": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "modelzoo.cli.train", "--config", "llama_tiny", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen = []
+    try:
+        deadline, listening = time.monotonic() + 120, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            procs = _tree(proc.pid)
+            seen += procs
+            workers = [p for p in procs[1:] if "modelzoo.cli.train" in p.cmdline()
+                       and "torch.distributed.run" not in p.cmdline()]  # (not an elastic agent)
+            listening = [(p.pid, c.laddr) for p in procs for c in p.net_connections("inet")
+                         if c.status == psutil.CONN_LISTEN]
+            if len(workers) == 2 and {w.pid for w in workers} <= {pid for pid, _ in listening}:  # joined gloo
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and len(workers) == 2, "the DP=2 run did not start"
+        assert listening and all(addr.ip == "127.0.0.1" for _, addr in listening), listening
+        os.kill(proc.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers outlived their launcher: {[p.pid for p in alive]}"
+    finally:  # whatever happened, leave no process of this run behind
+        for p in [*seen, psutil.Process(proc.pid)] if proc.poll() is None else seen:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait()
