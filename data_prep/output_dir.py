@@ -98,7 +98,7 @@ def _atomic_file(target: Path, overwrite: bool, inputs: list[Path]) -> Iterator[
             raise DataPrepError(f"{WHAT} {target} exists and is not an HDF5 file; refusing to replace it -- "
                                 "remove it yourself or choose another path")
     try:
-        removed = atomic.clean_debris(target)
+        removed = atomic.clean_debris(atomic.scratch_of(target))
         work = atomic.make_scratch(target, "work")
     except OSError as err:
         raise DataPrepError(f"{WHAT} {target}: cannot write beside it ({err})") from err

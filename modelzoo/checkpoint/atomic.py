@@ -28,14 +28,13 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 OUTPUT_MARKER = ".modelzoo-output.json"
 SCRATCH_OWNER = ".modelzoo-scratch.json"
 WRITER = "modelzoo"
-_SCRATCH_RE = r"^\.{name}\.(?P<tag>[a-z]+)-(?P<pid>\d+)-[0-9a-f]{{8}}$"
 
 Proof = Callable[[Path], "str | None"]
 
@@ -174,14 +173,20 @@ def is_abandoned(path: Path) -> bool:
     return now is None or (started is not None and abs(now - started) > 1.0)
 
 
-def clean_debris(target: Path, *, extra: list[Path] = ()) -> list[Path]:
-    """Remove abandoned scratch of ``target`` (``.{name}.{tag}-{pid}-{hex}`` siblings) and of the
-    ``extra`` paths; returns what was removed."""
+def scratch_re(name_pattern: str) -> re.Pattern:
+    """The names :func:`make_scratch` gives scratch of targets whose name matches ``name_pattern``."""
+    return re.compile(rf"^\.(?:{name_pattern})\.[a-z]+-\d+-[0-9a-f]{{8}}$")
+
+
+def scratch_of(target: Path) -> list[Path]:
+    """The scratch-named siblings of ``target`` (``.{name}.{tag}-{pid}-{hex}``), ours or not."""
     target = Path(target).absolute()
-    pattern = re.compile(_SCRATCH_RE.format(name=re.escape(target.name)))
-    candidates = list(extra)
-    if target.parent.is_dir():
-        candidates += [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    pattern = scratch_re(re.escape(target.name))
+    return [p for p in target.parent.iterdir() if pattern.match(p.name)] if target.parent.is_dir() else []
+
+
+def clean_debris(candidates: Iterable[Path]) -> list[Path]:
+    """Remove those of ``candidates`` that are abandoned scratch of ours; returns what was removed."""
     removed = []
     for path in candidates:
         if path.is_dir() and not path.is_symlink() and is_abandoned(path):
@@ -244,6 +249,14 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def finish(scratch: Path, target: Path, kind: str | None) -> None:
+    """Make the complete ``scratch`` the output ``target``: its marker (with ``kind``), fsync, publish."""
+    if kind is not None:
+        write_output_marker(scratch, kind)
+    fsync_tree(scratch)
+    publish(scratch, target)
+
+
 def publish(scratch: Path, target: Path) -> None:
     """Rename the finished ``scratch`` to ``target``; an existing ``target`` (already proven
     replaceable) is moved aside first and removed after, so ``target`` is always whole."""
@@ -282,7 +295,7 @@ def atomic_dir(target: str | Path, *, kind: str | None, overwrite: bool, inputs:
             raise error(f"{what} {target} already exists; pass {overwrite_flag} to replace it, or choose another path")
         check_replaceable(target, proof, what=what, error=error)
     try:
-        removed = clean_debris(target)
+        removed = clean_debris(scratch_of(target))
         scratch = make_scratch(target, "tmp")
     except OSError as err:
         raise error(f"{what} {target}: cannot write beside it ({err})") from err
@@ -290,10 +303,7 @@ def atomic_dir(target: str | Path, *, kind: str | None, overwrite: bool, inputs:
         on_debris(removed)
     try:
         yield scratch
-        if kind is not None:
-            write_output_marker(scratch, kind)
-        fsync_tree(scratch)
-        publish(scratch, target)
+        finish(scratch, target, kind)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

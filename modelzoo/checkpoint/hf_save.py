@@ -8,7 +8,6 @@ beyond the shard being filled.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Iterable
@@ -73,10 +72,8 @@ def write_hf_dir(out_dir: str | Path, config, tensors: Iterable[tuple[str, torch
         tokenizer_files: ``{name: bytes}`` from :func:`~modelzoo.checkpoint.hf_files.read_tokenizer_files`.
     """
     out_dir = Path(out_dir)
-    config = copy.copy(config)
-    config.architectures = list(config.architectures or ["LlamaForCausalLM"])
     config.save_pretrained(out_dir)
-    add_v4_config_fields(out_dir / "config.json")
+    add_v4_config_fields(out_dir / "config.json")  # also ``architectures`` when the config has none
     if generation_config is not None:
         generation_config.save_pretrained(out_dir)
     write_safetensors_shards(out_dir, tensors, max_shard_bytes)

@@ -34,13 +34,12 @@ import torch
 from .atomic import (
     check_replaceable,
     clean_debris,
+    finish,
     fsync_dir,
-    fsync_tree,
     make_scratch,
     marker_proof,
-    publish,
     remove_tree,
-    write_output_marker,
+    scratch_re,
 )
 from .hf_weights import CheckpointError
 
@@ -49,7 +48,7 @@ TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 KIND = "training-checkpoint"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_SCRATCH_RE = re.compile(r"^\.step_\d{8}\.[a-z]+-\d+-[0-9a-f]{8}$")
+_SCRATCH_RE = scratch_re(r"step_\d{8}")
 
 
 def step_dir_name(step: int) -> str:
@@ -131,7 +130,7 @@ def prepare_save_dir(save_dir: str | Path, *, resume: bool, overwrite: bool, kee
         return notes
     if not dry_run:
         debris = [p for p in save_dir.iterdir() if _SCRATCH_RE.match(p.name)]
-        for path in clean_debris(save_dir / LATEST, extra=debris):
+        for path in clean_debris(debris):
             notes.append(f"removed {path}, left by an interrupted save")
     existing = list_checkpoints(save_dir)
     if resume:
@@ -166,9 +165,7 @@ def finalize(save_dir: str | Path, step: int, scratch: Path, keep_last: int) -> 
     save_dir = Path(save_dir)
     final = save_dir / step_dir_name(step)
     check_replaceable(final, marker_proof(KIND), what="checkpoint", error=CheckpointError)
-    write_output_marker(scratch, KIND)
-    fsync_tree(scratch)
-    publish(scratch, final)
+    finish(scratch, final, KIND)
     pointer_tmp = save_dir / f".{LATEST}.tmp"
     with open(pointer_tmp, "w") as handle:
         handle.write(final.name + "\n")

@@ -44,8 +44,8 @@ POINTS = {
     "hf_shard": "modelzoo.checkpoint.hf_save:save_file",  # the weights, inside the scratch dir
     "write_hf_dir": "modelzoo.training.trainer:write_hf_dir",
     "rank_state": "modelzoo.checkpoint.manager:write_rank_state",
-    "marker": "modelzoo.checkpoint.manager:write_output_marker",
-    "publish": "modelzoo.checkpoint.manager:publish",
+    "marker": "modelzoo.checkpoint.atomic:write_output_marker",
+    "publish": "modelzoo.checkpoint.atomic:publish",
     "latest": "modelzoo.checkpoint.manager:fsync_dir",  # called once ``latest`` has moved, before pruning
     "prune": "modelzoo.checkpoint.manager:remove_tree",
 }
