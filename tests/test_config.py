@@ -16,13 +16,12 @@ from modelzoo.config import (
     ConfigError,
     ModelConfig,
     TrainingConfig,
-    check_tensor_parallel,
     config_to_dict,
     dump_yaml,
-    load_config,
     shipped_configs,
-    valid_n_chips,
 )
+from modelzoo.models.llama import load_run_config
+from modelzoo.models.llama.parallelize import check_tensor_parallel, valid_n_chips
 
 SHIPPED = [(kind, name) for kind in CONFIG_KINDS for name in shipped_configs(kind)]
 
@@ -44,7 +43,7 @@ def line_of(text: str, fragment: str) -> int:
 
 def raises_config_error(*args, **kwargs) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        load_config(*args, **kwargs)
+        load_run_config(*args, **kwargs)
     assert "\n" not in str(info.value)
     return info.value
 
@@ -58,7 +57,7 @@ def test_bundled_defaults_are_shipped():
 
 @pytest.mark.parametrize("kind,name", SHIPPED)
 def test_shipped_config_loads_and_round_trips(kind, name, tmp_path):
-    cfg = load_config(name, kind=kind)
+    cfg = load_run_config(name, kind=kind)
     assert isinstance(cfg, CONFIG_KINDS[kind])
     raw = yaml.safe_load(shipped_path(kind, name).read_text())
     for section, values in raw.items():  # every value written in the file reaches the config
@@ -68,21 +67,21 @@ def test_shipped_config_loads_and_round_trips(kind, name, tmp_path):
         else:
             assert getattr(cfg, section) == values
     snapshot = write_yaml(tmp_path, dump_yaml(cfg))
-    assert load_config(snapshot, kind=kind) == cfg
+    assert load_run_config(snapshot, kind=kind) == cfg
 
 
 def test_bare_name_suffix_and_path_resolve_to_the_same_config():
     path = shipped_path("training", "llama2_70b")
-    by_name = load_config("llama2_70b")
-    assert load_config("llama2_70b.yaml") == by_name
-    assert load_config(str(path)) == by_name
+    by_name = load_run_config("llama2_70b")
+    assert load_run_config("llama2_70b.yaml") == by_name
+    assert load_run_config(str(path)) == by_name
     assert by_name.samba_compile.n_chips == yaml.safe_load(path.read_text())["samba_compile"]["n_chips"]
 
 
 def test_local_file_wins_over_shipped_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_yaml(tmp_path, "training:\n  max_steps: 3\n", name="llama_tiny.yaml")
-    assert load_config("llama_tiny.yaml").training.max_steps == 3
+    assert load_run_config("llama_tiny.yaml").training.max_steps == 3
 
 
 def test_unknown_config_name_lists_nearest_shipped_names():
@@ -91,19 +90,19 @@ def test_unknown_config_name_lists_nearest_shipped_names():
 
 
 def test_no_config_gives_schema_defaults():
-    cfg = load_config(None)
+    cfg = load_run_config(None)
     assert cfg == CONFIG_KINDS["training"]()
 
 
 def test_missing_sections_take_defaults(tmp_path):
-    cfg = load_config(write_yaml(tmp_path, "backend: inductor\ntraining:\n"))
+    cfg = load_run_config(write_yaml(tmp_path, "backend: inductor\ntraining:\n"))
     assert cfg.backend == "inductor"
     assert cfg.training == TrainingConfig()
     assert cfg.model == ModelConfig()
 
 
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
-    cfg = load_config(write_yaml(tmp_path, "training:\n  learning_rate: 1e-4\n  min_learning_rate: 0\n"))
+    cfg = load_run_config(write_yaml(tmp_path, "training:\n  learning_rate: 1e-4\n  min_learning_rate: 0\n"))
     assert cfg.training.learning_rate == 1e-4
     assert type(cfg.training.min_learning_rate) is float
 
@@ -112,19 +111,30 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
 
 def test_overrides_are_typed_and_applied(tmp_path):
     path = write_yaml(tmp_path, "checkpoint:\n  load_path: some/dir\n")
-    cfg = load_config(path, ["training.learning_rate=1e-4", "model.patches=[]", "training.batch_size=2.0",
+    cfg = load_run_config(path, ["training.learning_rate=1e-4", "model.patches=[weighted_loss]", "training.batch_size=2.0",
                              "model.overrides.num_hidden_layers=4", "checkpoint.load_path=null",
                              "training.clip_grad_norm=2"])
     assert cfg.training.learning_rate == 1e-4
-    assert cfg.model.patches == []
+    assert cfg.model.patches == ["weighted_loss"]
     assert cfg.training.batch_size == 2 and type(cfg.training.batch_size) is int
     assert cfg.model.overrides == {"num_hidden_layers": 4}
     assert cfg.checkpoint.load_path is None
     assert cfg.training.clip_grad_norm == 2.0 and type(cfg.training.clip_grad_norm) is float
 
 
+@pytest.mark.parametrize("patches", ["[]", "[static_attention,fp32_ln]"])
+def test_training_refuses_patches_without_the_weighted_loss(patches):
+    """Stock HF's loss ignores token types (it would train on padding and across articles), so a
+    training config whose allow-list leaves out ``weighted_loss`` is refused; generation runs stock."""
+    err = raises_config_error("llama_tiny", [f"model.patches={patches}"])
+    assert err.key == "model.patches" and "'weighted_loss'" in str(err)
+    assert err.source == f"override 'model.patches={patches}'"
+    assert load_run_config("llama_tiny", ["model.patches=[]"], kind="generation").model.patches == []
+    assert load_run_config("llama_tiny", ["model.patches=[]", "command=compile"]).model.patches == []
+
+
 def test_generation_overrides():
-    cfg = load_config("llama_tiny", ["generation.stop=['###', END]", "generation.top_p=0.9"], kind="generation")
+    cfg = load_run_config("llama_tiny", ["generation.stop=['###', END]", "generation.top_p=0.9"], kind="generation")
     assert cfg.generation.stop == ["###", "END"]
     assert cfg.generation.top_p == 0.9
 
@@ -209,7 +219,7 @@ def test_literal_violation_lists_allowed_values():
 
 
 def test_int_accepted_for_float():
-    assert load_config(None, ["training.learning_rate=1"]).training.learning_rate == 1.0
+    assert load_run_config(None, ["training.learning_rate=1"]).training.learning_rate == 1.0
 
 
 @pytest.mark.parametrize("override,kind", [
@@ -249,13 +259,13 @@ def test_more_chips_than_kv_heads_replicates_kv():
     heads, kv = heads_of("llama2_70b")
     n_chips = 2 * kv
     assert heads % n_chips == 0
-    cfg = load_config("llama2_70b", [f"samba_compile.n_chips={n_chips}"])
+    cfg = load_run_config("llama2_70b", [f"samba_compile.n_chips={n_chips}"])
     assert check_tensor_parallel(heads, kv, cfg.samba_compile.n_chips, "llama2_70b") == "replicate"
 
 
 def test_chips_dividing_kv_heads_shard_kv():
     heads, kv = heads_of("llama2_7b")
-    cfg = load_config("llama2_7b", ["samba_compile.n_chips=2"])
+    cfg = load_run_config("llama2_7b", ["samba_compile.n_chips=2"])
     assert check_tensor_parallel(heads, kv, cfg.samba_compile.n_chips, "llama2_7b") == "shard"
 
 
@@ -265,16 +275,36 @@ def test_n_chips_neither_dividing_nor_multiple_of_kv_heads_is_rejected():
         check_tensor_parallel(heads, kv, 12, "m")
 
 
-@pytest.mark.parametrize("heads,kv", [(32, 8), (64, 8), (40, 40), (24, 8), (4, 2)])
-def test_valid_n_chips_is_exactly_what_the_check_accepts(heads, kv):
-    limit = 2 * heads
-    for n in range(1, limit + 1):
+@pytest.mark.parametrize("heads,kv", [(8, 2), (4, 4), (6, 2), (4, 1)])
+def test_every_accepted_tp_degree_splits_the_model_evenly(heads, kv):
+    """What the rule accepts, the TP plan really splits: every chip gets equal shards holding whole
+    heads, and unsharding gives the tensor back; what it refuses is a one-line ConfigError."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelzoo.models.llama.parallelize import shard_tensor, tp_layout, unshard_tensors
+
+    head_dim = 2
+    config = LlamaConfig(hidden_size=heads * head_dim, intermediate_size=12, num_hidden_layers=1,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=10, head_dim=head_dim)
+    torch.manual_seed(0)
+    state = LlamaForCausalLM(config).state_dict()
+    accepted = []
+    for n in range(1, 2 * heads + 1):
         try:
-            check_tensor_parallel(heads, kv, n, "m")
-            accepted = True
-        except ConfigError:
-            accepted = False
-        assert accepted == (n in valid_n_chips(heads, kv, limit)), n
+            layout = tp_layout(config, n)
+        except ConfigError as err:
+            assert f"n_chips={n}" in str(err) and "valid n_chips" in str(err) and "\n" not in str(err)
+            continue
+        accepted.append(n)
+        for name, full in state.items():
+            shards = [shard_tensor(name, full, layout, rank, head_dim) for rank in range(n)]
+            assert len({s.shape for s in shards}) == 1, (n, name)
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                assert shards[0].shape[0] % head_dim == 0, (n, name)  # whole heads per chip
+            assert torch.equal(unshard_tensors(name, shards, layout, config.vocab_size), full), (n, name)
+    assert accepted == valid_n_chips(heads, kv, 2 * heads, intermediate_size=12)
+    assert 1 in accepted and len(accepted) < 2 * heads
 
 
 def test_n_chips_without_tensor_parallel_is_rejected():
@@ -287,7 +317,7 @@ def test_model_overrides_change_the_heads_checked():
     err = raises_config_error("llama_tiny", ["samba_compile.tensor_parallel=weight",
                                              f"samba_compile.n_chips={heads * 2}"])
     assert f"num_attention_heads={heads}" in str(err)
-    cfg = load_config("llama_tiny", ["samba_compile.tensor_parallel=weight", f"samba_compile.n_chips={heads * 2}",
+    cfg = load_run_config("llama_tiny", ["samba_compile.tensor_parallel=weight", f"samba_compile.n_chips={heads * 2}",
                                      f"model.overrides.num_attention_heads={heads * 2}",
                                      f"model.overrides.num_key_value_heads={heads * 2}"])
     assert cfg.samba_compile.n_chips == heads * 2
@@ -315,14 +345,14 @@ def test_hf_directory_as_model(tmp_path):
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=128).save_pretrained(tmp_path)
     tp = ["samba_compile.tensor_parallel=weight", f"model.name_or_path={tmp_path}"]
-    cfg = load_config("llama_tiny", [*tp, "samba_compile.n_chips=4"])
+    cfg = load_run_config("llama_tiny", [*tp, "samba_compile.n_chips=4"])
     assert cfg.model.name_or_path == str(tmp_path)
     err = raises_config_error("llama_tiny", [*tp, "samba_compile.n_chips=3"])
     assert "num_attention_heads=8" in str(err) and "valid n_chips: 1, 2, 4, 8" in str(err)
 
 
 def test_not_yet_existing_path_skips_architecture_checks(tmp_path):
-    cfg = load_config(None, [f"model.name_or_path={tmp_path}/later", "samba_compile.tensor_parallel=weight",
+    cfg = load_run_config(None, [f"model.name_or_path={tmp_path}/later", "samba_compile.tensor_parallel=weight",
                              "samba_compile.n_chips=3"])
     assert cfg.samba_compile.n_chips == 3
 
@@ -337,7 +367,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_prints_resolved_config():
     result = run_cli("llama_tiny", "training.max_steps=7")
     assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout) == config_to_dict(load_config("llama_tiny", ["training.max_steps=7"]))
+    assert yaml.safe_load(result.stdout) == config_to_dict(load_run_config("llama_tiny", ["training.max_steps=7"]))
 
 
 def test_cli_reports_one_line_error_without_traceback(tmp_path):
@@ -361,6 +391,6 @@ def test_schema_sections_have_docstrings():
 def test_n_chips_must_divide_the_mlp_width():
     """13B has 40 heads (5 divides them) but an FFN width of 13824 (5 does not): refused."""
     with pytest.raises(ConfigError, match=r"n_chips=5 does not divide intermediate_size=13824.*valid n_chips: 1, 2, 4, 8$"):
-        load_config("llama2_13b", ["samba_compile.n_chips=5"])
+        load_run_config("llama2_13b", ["samba_compile.n_chips=5"])
     assert valid_n_chips(40, 40, intermediate_size=13824) == [1, 2, 4, 8]
     assert valid_n_chips(24, 8, intermediate_size=8192) == [1, 2, 4, 8]

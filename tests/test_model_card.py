@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from modelzoo.config import valid_n_chips
 from modelzoo.models.llama import get_preset
+from modelzoo.models.llama.parallelize import valid_n_chips
 
 CARD = Path(__file__).resolve().parents[1] / "models" / "llama" / "README.md"
 

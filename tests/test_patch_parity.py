@@ -9,7 +9,8 @@ import torch
 from conftest import FAMILIES, stock_and_patched, stock_model
 from torch.testing import assert_close
 
-from modelzoo.models.llama import PATCH_NAMES, LlamaPatchSettings, patch_llama
+from modelzoo.config import ModelConfig
+from modelzoo.models.llama import PATCH_NAMES, enabled_patches, patch_llama
 from modelzoo.models.llama.patch_llama import STRUCTURAL_PATCHES
 
 FP32 = {"atol": 1e-5, "rtol": 0}
@@ -46,7 +47,7 @@ def test_padding_mask_goes_through_static_attention(preset):
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_all_patches_on_are_exact_in_fp32(preset):
     """Precision patches only change rounding in low precision; in fp32 they match stock."""
-    settings = LlamaPatchSettings(fp32_ln=True, fp32_logits=True, fp32_skip_add=True, mixedp_attn=True)
+    settings = ModelConfig(fp32_ln=True, fp32_logits=True, fp32_skip_add=True, mixedp_attn=True)
     stock, patched = stock_and_patched(preset, settings)
     assert set(patched._modelzoo_patches) == set(PATCH_NAMES)
     ids = _ids(stock.config.vocab_size)
@@ -68,7 +69,7 @@ def test_precision_patches_in_bf16(preset):
     it by 32 * u * max|logit| (a few percent), and require the patched error to be no worse than
     1.5x stock bf16's (the fp32 patches remove roundings, they must not add error).
     """
-    settings = LlamaPatchSettings(fp32_ln=True, fp32_logits=True, fp32_skip_add=True, mixedp_attn=True)
+    settings = ModelConfig(fp32_ln=True, fp32_logits=True, fp32_skip_add=True, mixedp_attn=True)
     reference_model = stock_model(preset)
     ids = _ids(reference_model.config.vocab_size)
     with torch.no_grad():
@@ -88,8 +89,8 @@ def test_each_precision_patch_changes_bf16_rounding(name):
     """Each precision patch is live: in bf16 it changes the logits (but only at rounding level)."""
     base = stock_model("llama3_tiny").to(torch.bfloat16)
     ids = _ids(base.config.vocab_size)
-    patched = patch_llama(copy.deepcopy(base), LlamaPatchSettings(**{name: True}))
-    without = patch_llama(copy.deepcopy(base), LlamaPatchSettings())
+    patched = patch_llama(copy.deepcopy(base), ModelConfig(**{name: True}))
+    without = patch_llama(copy.deepcopy(base), ModelConfig())
     with torch.no_grad():
         a, b = patched(ids).logits.float(), without(ids).logits.float()
     assert not torch.equal(a, b)
@@ -133,7 +134,7 @@ def test_packed_articles_equal_articles_alone(preset):
 
 def test_article_attention_off_leaks_across_articles():
     """Control for the test above: without article attention the second article sees the first."""
-    _, patched = stock_and_patched("llama3_tiny", LlamaPatchSettings(article_attention=False))
+    _, patched = stock_and_patched("llama3_tiny", ModelConfig(article_attention=False))
     arts, types = _packed_batch(patched.config.vocab_size, [13, 21])
     with torch.no_grad():
         packed = patched(torch.cat(arts)[None], token_type_ids=torch.cat(types)[None])
@@ -157,7 +158,7 @@ def test_padding_after_articles_does_not_change_article_logits():
 def test_loss_equals_hand_computed_weighted_mean():
     """Prompt/padding/boundary targets get weight 0 (or prompt_loss_weight); loss = weighted mean."""
     plw = 0.25
-    _, patched = stock_and_patched("llama2_tiny", LlamaPatchSettings(prompt_loss_weight=plw))
+    _, patched = stock_and_patched("llama2_tiny", {"prompt_loss_weight": plw})
     #               p  p  c  c  s  p  c  s  pad pad
     types = torch.tensor([[0, 0, 1, 1, 3, 0, 1, 3, 2, 2]])
     ids = _ids(patched.config.vocab_size, batch=1, seq=10)
@@ -178,7 +179,7 @@ def test_loss_equals_hand_computed_weighted_mean():
 def test_loss_only_path_equals_full_logits(preset, plw):
     """``return_logits=False`` (training) runs the LM head only where a target has weight > 0: the
     same loss, per-token losses and gradients as the full-logits forward (tied head included)."""
-    _, full = stock_and_patched(preset, LlamaPatchSettings(prompt_loss_weight=plw))
+    _, full = stock_and_patched(preset, {"prompt_loss_weight": plw})
     lean = copy.deepcopy(full)
     arts, types = _packed_batch(full.config.vocab_size, [13, 21, 9])
     ids = torch.cat(arts + [torch.zeros(5, dtype=torch.long)])[None].repeat(2, 1)
@@ -215,7 +216,7 @@ def test_patching_one_instance_leaves_another_stock():
     ids = _ids(stock.config.vocab_size)
     with torch.no_grad():
         before = twin(ids).logits.clone()
-        patch_llama(stock, LlamaPatchSettings(fp32_ln=True, fp32_skip_add=True, fp32_logits=True))
+        patch_llama(stock, ModelConfig(fp32_ln=True, fp32_skip_add=True, fp32_logits=True))
         stock(ids)
         after = twin(ids).logits
     assert_close(after, before, atol=0, rtol=0)
@@ -229,7 +230,7 @@ def test_patching_one_instance_leaves_another_stock():
 def test_unpatch_restores_stock():
     from modelzoo.models.llama import unpatch_llama
 
-    stock, patched = stock_and_patched("llama2_tiny", LlamaPatchSettings(fp32_ln=True, fp32_logits=True))
+    stock, patched = stock_and_patched("llama2_tiny", ModelConfig(fp32_ln=True, fp32_logits=True))
     unpatch_llama(patched)
     assert type(patched) is type(stock)
     assert patched.config._attn_implementation == "sdpa"
@@ -238,20 +239,20 @@ def test_unpatch_restores_stock():
 
 def test_env_var_switches_patches_off(monkeypatch):
     monkeypatch.setenv("MODELZOO_PATCHES", "none")
-    assert LlamaPatchSettings(fp32_ln=True).enabled() == ()
+    assert enabled_patches(ModelConfig(fp32_ln=True)) == ()
     monkeypatch.setenv("MODELZOO_PATCHES", "article_attention,fp32_ln")
-    assert LlamaPatchSettings().enabled() == ("article_attention", "fp32_ln")
+    assert enabled_patches(ModelConfig()) == ("article_attention", "fp32_ln")
     monkeypatch.setenv("MODELZOO_PATCHES", "fp32_lm")
     with pytest.raises(ValueError, match="MODELZOO_PATCHES.*fp32_lm"):
-        LlamaPatchSettings().enabled()
+        enabled_patches(ModelConfig())
 
 
 def test_patches_allow_list():
-    assert LlamaPatchSettings(patches=[]).enabled() == ()
-    assert LlamaPatchSettings(patches=["fp32_logits"]).enabled() == ("fp32_logits",)
-    assert LlamaPatchSettings().enabled() == STRUCTURAL_PATCHES
+    assert enabled_patches(ModelConfig(patches=[])) == ()
+    assert enabled_patches(ModelConfig(patches=["fp32_logits"])) == ("fp32_logits",)
+    assert enabled_patches(ModelConfig()) == STRUCTURAL_PATCHES
     with pytest.raises(ValueError, match="unknown patch 'nope'"):
-        LlamaPatchSettings(patches=["nope"]).enabled()
+        enabled_patches(ModelConfig(patches=["nope"]))
 
 
 def test_unsupported_transformers_version_is_refused():

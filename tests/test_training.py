@@ -210,6 +210,19 @@ def test_tp_incompatible_with_heads(tmp_path, data, capsys):
     assert code == 2 and "samba_compile.n_chips=3" in err
 
 
+def test_training_without_the_weighted_loss_patch_is_refused(tmp_path, data, capsys, monkeypatch):
+    """``model.patches=[]`` and ``MODELZOO_PATCHES=none`` each stop a training run with one line
+    naming the fix (stock HF's loss ignores token types); before, training crashed on ``token_loss``."""
+    code, err = _run_cli(tmp_path, data, capsys, **{"model.patches": "[]"})
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "model.patches=[]" in err and "'weighted_loss'" in err
+    monkeypatch.setenv("MODELZOO_PATCHES", "none")
+    code, err = _run_cli(tmp_path, data, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "MODELZOO_PATCHES='none'" in err and "weighted_loss" in err
+    assert not list((tmp_path / "ck").glob("step_*"))
+
+
 def test_dp_larger_than_training_files(tmp_path, data, capsys):
     code, err = _run_cli(tmp_path, data, capsys, **{"data_parallel.world_size": 8})
     assert code == 2 and "world_size=8 exceeds the 4 training files" in err

@@ -15,8 +15,9 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from modelzoo.checkpoint.hf_weights import CheckpointError, load_weights_
+from modelzoo.config import ModelConfig
 
-from .patch_llama import LlamaPatchSettings, patch_llama
+from .patch_llama import patch_llama
 from .presets import get_preset, is_preset, preset_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -107,7 +108,8 @@ def build_llama(config: LlamaConfig, *, dtype: str | torch.dtype | None = "float
 def from_pretrained(path_or_preset: str, *, dtype: str | torch.dtype | None = "float32",
                     device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None,
                     seed: int | None = None, patch: bool = True,
-                    settings: LlamaPatchSettings | None = None, **model_settings: Any) -> LlamaForCausalLM:
+                    settings: ModelConfig | None = None, prompt_loss_weight: float = 0.0,
+                    **model_settings: Any) -> LlamaForCausalLM:
     """A patched Llama model from an HF checkpoint dir or a preset name.
 
     Args:
@@ -117,8 +119,9 @@ def from_pretrained(path_or_preset: str, *, dtype: str | torch.dtype | None = "f
         overrides: ``LlamaConfig`` fields to replace (e.g. ``num_hidden_layers`` for a preset).
         seed: random-init seed for presets.
         patch: False returns the stock HF model.
-        settings / model_settings: :class:`LlamaPatchSettings` or its fields as keywords
-            (``fp32_ln=True``, ``patches=[...]``, ``prompt_loss_weight=0.1``).
+        settings / model_settings: the patch settings, a :class:`~modelzoo.config.ModelConfig` (the
+            config's ``model`` section) or its fields as keywords (``fp32_ln=True``, ``patches=[...]``).
+        prompt_loss_weight: weight of prompt targets in the patched loss.
     """
     config = load_llama_config(path_or_preset, overrides)
     checkpoint_dir = None if is_preset(path_or_preset) else Path(path_or_preset)
@@ -131,7 +134,7 @@ def from_pretrained(path_or_preset: str, *, dtype: str | torch.dtype | None = "f
     if not patch:
         return model
     if settings is None:
-        settings = LlamaPatchSettings(**model_settings)
+        settings = model_settings
     elif model_settings:
         raise TypeError("pass either settings=... or patch keywords, not both")
-    return patch_llama(model, settings)
+    return patch_llama(model, settings, prompt_loss_weight=prompt_loss_weight)

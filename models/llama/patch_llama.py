@@ -57,21 +57,20 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
+from modelzoo.config import ModelConfig
+from modelzoo.config.schema import PATCH_NAMES, PRECISION_PATCHES, STRUCTURAL_PATCHES
+from modelzoo.data.loss import weighted_cross_entropy
 from modelzoo.data.token_types import (
     article_causal_mask,
     article_ids_from_token_types,
     loss_weights_from_token_types,
     positions_from_article_ids,
 )
-from modelzoo.training.loss import weighted_cross_entropy
 
 #: ``transformers`` versions these patches are tested against (lower inclusive, upper exclusive).
 SUPPORTED_TRANSFORMERS = (Version("5.23"), Version("6.0"))
 
 ATTN_IMPLEMENTATION = "modelzoo_static"
-STRUCTURAL_PATCHES = ("static_attention", "article_attention", "weighted_loss")
-PRECISION_PATCHES = ("fp32_ln", "fp32_logits", "fp32_skip_add", "mixedp_attn")
-PATCH_NAMES = STRUCTURAL_PATCHES + PRECISION_PATCHES
 ENV_VAR = "MODELZOO_PATCHES"
 
 
@@ -79,47 +78,42 @@ class UnsupportedTransformersError(RuntimeError):
     """The installed ``transformers`` is outside the range the patches are tested against."""
 
 
-@dataclass
-class LlamaPatchSettings:
-    """Which patches to apply, and their parameters.
+def patch_settings(settings: ModelConfig | dict | None = None) -> ModelConfig:
+    """The patch settings as a :class:`~modelzoo.config.ModelConfig` (a dict gives its fields; other
+    keys, e.g. a whole config section, are ignored)."""
+    if settings is None:
+        return ModelConfig()
+    if isinstance(settings, ModelConfig):
+        return settings
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = [k for k in settings if k not in fields and k != "prompt_loss_weight"]
+    if unknown:
+        raise TypeError(f"unknown patch setting(s) {', '.join(map(repr, unknown))}; "
+                        f"settings are ModelConfig fields: {', '.join(sorted(fields))}")
+    return ModelConfig(**{k: v for k, v in settings.items() if k in fields})
 
-    Structural patches are on by default; precision patches are off by default (they are no-ops in
-    fp32 anyway). ``patches``, when given, is an explicit allow-list that overrides the flags:
-    exactly the named patches are applied (``[]`` = stock model).
-    """
 
-    static_attention: bool = True
-    article_attention: bool = True
-    weighted_loss: bool = True
-    fp32_ln: bool = False
-    fp32_logits: bool = False
-    fp32_skip_add: bool = False
-    mixedp_attn: bool = False
-    prompt_loss_weight: float = 0.0
-    patches: list[str] | None = None
-
-    def enabled(self) -> tuple[str, ...]:
-        """The patch names to apply, after ``patches`` and the ``MODELZOO_PATCHES`` env var."""
-        env = os.environ.get(ENV_VAR)
-        if env is not None:
-            names = [] if env.strip().lower() in ("", "none", "off", "0") else _split(env)
-            source = f"environment variable {ENV_VAR}"
-        elif self.patches is not None:
-            names, source = list(self.patches), "patches"
-        else:
-            return tuple(n for n in PATCH_NAMES if getattr(self, n))
-        unknown = [n for n in names if n not in PATCH_NAMES]
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown patch {', '.join(map(repr, unknown))}; valid: {', '.join(PATCH_NAMES)}"
-            )
-        return tuple(n for n in PATCH_NAMES if n in names)
-
-    @classmethod
-    def from_mapping(cls, values: dict) -> LlamaPatchSettings:
-        """Build from a dict (e.g. a config section), ignoring keys that are not settings."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in fields})
+def enabled_patches(settings: ModelConfig | dict | None = None) -> tuple[str, ...]:
+    """The patch names to apply: ``MODELZOO_PATCHES`` if set, else ``settings.patches`` if given,
+    else the structural patches (``article_attention`` per its flag) and the precision patches
+    whose flags are on."""
+    settings = patch_settings(settings)
+    env = os.environ.get(ENV_VAR)
+    if env is not None:
+        names = [] if env.strip().lower() in ("", "none", "off", "0") else _split(env)
+        source = f"environment variable {ENV_VAR}"
+    elif settings.patches is not None:
+        names, source = list(settings.patches), "patches"
+    else:
+        return tuple(n for n in PATCH_NAMES
+                     if (n in STRUCTURAL_PATCHES and (n != "article_attention" or settings.article_attention))
+                     or (n in PRECISION_PATCHES and getattr(settings, n)))
+    unknown = [n for n in names if n not in PATCH_NAMES]
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown patch {', '.join(map(repr, unknown))}; valid: {', '.join(PATCH_NAMES)}"
+        )
+    return tuple(n for n in PATCH_NAMES if n in names)
 
 
 def _split(text: str) -> list[str]:
@@ -297,7 +291,7 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
         hidden = outputs.last_hidden_state
         if token_type_ids is not None:
             weights = loss_weights_from_token_types(
-                token_type_ids, self._modelzoo_settings.prompt_loss_weight, article_ids
+                token_type_ids, self._modelzoo_prompt_loss_weight, article_ids
             )
             targets = input_ids[:, 1:] if labels is None else labels[:, 1:]
             if labels is not None:
@@ -347,23 +341,26 @@ def _own_config(model: LlamaForCausalLM) -> None:
             module.config = new
 
 
-def patch_llama(model: LlamaForCausalLM, settings: LlamaPatchSettings | dict | None = None) -> LlamaForCausalLM:
+def patch_llama(model: LlamaForCausalLM, settings: ModelConfig | dict | None = None, *,
+                prompt_loss_weight: float | None = None) -> LlamaForCausalLM:
     """Patch ``model`` in place (this instance only) and return it.
 
     Args:
         model: a ``transformers.LlamaForCausalLM`` (stock, not already patched).
-        settings: :class:`LlamaPatchSettings`, a dict of its fields, or None for the defaults.
+        settings: the config's ``model`` section (:class:`~modelzoo.config.ModelConfig`: ``patches``
+            and the precision flags), a dict of its fields, or None for the defaults.
+        prompt_loss_weight: weight of prompt targets in the ``weighted_loss`` patch (the config's
+            ``training.prompt_loss_weight``; a dict may carry it too); default 0.
     """
     check_transformers_version()
     if not isinstance(model, LlamaForCausalLM):
         raise TypeError(f"patch_llama expects a transformers LlamaForCausalLM, got {type(model).__name__}")
     if getattr(model, "_modelzoo_patches", None) is not None:
         raise ValueError("this model is already patched; call unpatch_llama(model) first")
-    if settings is None:
-        settings = LlamaPatchSettings()
-    elif isinstance(settings, dict):
-        settings = LlamaPatchSettings.from_mapping(settings)
-    enabled = settings.enabled()
+    if prompt_loss_weight is None:
+        prompt_loss_weight = float(settings.get("prompt_loss_weight", 0.0)) if isinstance(settings, dict) else 0.0
+    settings = patch_settings(settings)
+    enabled = enabled_patches(settings)
 
     saved_classes: list = []
     state = {"classes": saved_classes, "config": model.config}
@@ -387,6 +384,7 @@ def patch_llama(model: LlamaForCausalLM, settings: LlamaPatchSettings | dict | N
     _swap_class(model, PatchedLlamaForCausalLM, saved_classes)
     model._modelzoo_patches = enabled
     model._modelzoo_settings = settings
+    model._modelzoo_prompt_loss_weight = prompt_loss_weight
     model._modelzoo_state = state
     return model
 
@@ -406,7 +404,7 @@ def unpatch_llama(model: LlamaForCausalLM) -> LlamaForCausalLM:
             del module._modelzoo_mixedp_attn
     if isinstance(model.lm_head, nn.Linear) and "compute_dtype" in model.lm_head.__dict__:
         del model.lm_head.compute_dtype
-    for attr in ("_modelzoo_patches", "_modelzoo_settings", "_modelzoo_state"):
+    for attr in ("_modelzoo_patches", "_modelzoo_settings", "_modelzoo_prompt_loss_weight", "_modelzoo_state"):
         delattr(model, attr)
     return model
 

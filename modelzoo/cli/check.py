@@ -16,8 +16,8 @@ import time
 import torch
 
 from modelzoo.backends import get_backend
-from modelzoo.config import check_tensor_parallel, load_config
-from modelzoo.models.llama import LlamaPatchSettings, from_pretrained, patch_llama
+from modelzoo.models.llama import from_pretrained, load_run_config, patch_llama
+from modelzoo.models.llama.parallelize import check_tensor_parallel
 
 from .errors import run_reporting_errors
 
@@ -63,7 +63,7 @@ def _packed_inputs(vocab: int, seq_len: int, gen: torch.Generator):
 
 
 def run_checks(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides, kind="training")
+    cfg = load_run_config(args.config, args.overrides, kind="training")
     mcfg = cfg.model
     meta = from_pretrained(mcfg.name_or_path, device="meta", overrides=mcfg.overrides, patch=False)
     n_params = sum(p.numel() for p in meta.parameters())
@@ -80,8 +80,7 @@ def run_checks(args: argparse.Namespace) -> int:
         return 2
 
     stock = from_pretrained(mcfg.name_or_path, overrides=mcfg.overrides, patch=False, seed=args.seed)
-    settings = LlamaPatchSettings.from_mapping(vars(mcfg))
-    patched = patch_llama(copy.deepcopy(stock), settings)
+    patched = patch_llama(copy.deepcopy(stock), mcfg)
     print(f"patches   {', '.join(patched._modelzoo_patches) or '(none: stock)'}")
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, arch.vocab_size, (args.batch_size, args.seq_len), generator=gen)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modelzoo.config import ConfigError, dump_yaml, load_config, shipped_configs
+from modelzoo.config import ConfigError, dump_yaml, shipped_configs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="a YAML file, or the name of a shipped config (e.g. llama2_70b)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="hydra-style overrides, e.g. training.learning_rate=1e-4 model.patches=[]")
+                        help="hydra-style overrides, e.g. training.learning_rate=1e-4 model.fp32_ln=true")
     parser.add_argument("--kind", choices=("training", "generation"), default="training",
                         help="config schema, and the shipped folder bare names resolve from (default: training)")
     return parser
@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, kind=args.kind)
+        from modelzoo.models.llama.checks import load_run_config
+
+        cfg = load_run_config(args.config, args.overrides, kind=args.kind)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

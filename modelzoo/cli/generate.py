@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TextIO
 
 from modelzoo.checkpoint.manager import resolve_model_dir
-from modelzoo.config import ConfigError, GenerationRunConfig, check_run_config, config_to_dict, load_config
+from modelzoo.config import ConfigError, GenerationRunConfig, config_to_dict
 from modelzoo.config.build import build
+from modelzoo.config.checks import check_config
 
 #: flag dest -> config key it sets
 FLAG_KEYS = {
@@ -97,7 +98,9 @@ def resolve_config(args: argparse.Namespace) -> GenerationRunConfig:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise UsageError(f"'{bad[0]}' is neither an option nor a key=value override; see modelzoo-generate --help")
-    cfg = load_config(args.config, args.overrides, kind="generation")
+    from modelzoo.models.llama.checks import check_run_config, load_run_config
+
+    cfg = load_run_config(args.config, args.overrides, kind="generation")
     data = config_to_dict(cfg)
     given = {dest: getattr(args, dest) for dest in FLAG_KEYS if getattr(args, dest) is not None}
     if "checkpoint" in given:
@@ -114,6 +117,7 @@ def resolve_config(args: argparse.Namespace) -> GenerationRunConfig:
     flag_of = {FLAG_KEYS[d]: "--" + d.replace("_", "-") for d in given}
     try:
         cfg = build(GenerationRunConfig, data)
+        check_config(cfg)
         check_run_config(cfg)
     except ConfigError as err:
         flag = flag_of.get(err.key or "")

@@ -16,7 +16,6 @@ import os
 import sys
 
 from modelzoo.compile.plan import build_plan, check_plan_for_run, plan_path, summarize, write_plan
-from modelzoo.config import load_config
 
 from .errors import run_reporting_errors
 
@@ -63,7 +62,9 @@ def _preflight(cfg) -> None:
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides, kind="training")
+    from modelzoo.models.llama.checks import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides, kind="training")
     if cfg.command == "compile":
         plan = build_plan(cfg)
         path = write_plan(plan, cfg.samba_compile.output_folder)

@@ -3,16 +3,18 @@
     cfg = load_config("llama2_70b", ["training.learning_rate=1e-4"])
     train(cfg.training, ...)          # each component receives only its own section
 
-See ``schema`` for every key and its meaning, ``checks`` for the cross-field rules (tensor-parallel
-degree vs. attention heads), ``loader`` for name resolution and error locations.
+See ``schema`` for every key and its meaning, ``checks`` for the cross-field rules, ``loader`` for
+name resolution and error locations. Rules that need the model (tensor-parallel degree vs.
+attention heads) are the model's: ``modelzoo.models.llama.load_run_config`` loads with them.
 """
 
-from .checks import check_run_config, check_tensor_parallel, model_heads, valid_n_chips
+from .checks import check_config
 from .errors import ConfigError
 from .loader import config_to_dict, dump_yaml, load_config, shipped_configs
 from .schema import (
     CONFIG_KINDS,
     KNOWN_ARCHS,
+    PATCH_NAMES,
     CheckpointConfig,
     DataParallelConfig,
     GenerationConfig,
@@ -26,6 +28,7 @@ from .schema import (
 __all__ = [
     "CONFIG_KINDS",
     "KNOWN_ARCHS",
+    "PATCH_NAMES",
     "CheckpointConfig",
     "ConfigError",
     "DataParallelConfig",
@@ -35,12 +38,9 @@ __all__ = [
     "RunConfig",
     "SambaCompileConfig",
     "TrainingConfig",
-    "check_run_config",
-    "check_tensor_parallel",
+    "check_config",
     "config_to_dict",
     "dump_yaml",
     "load_config",
-    "model_heads",
     "shipped_configs",
-    "valid_n_chips",
 ]

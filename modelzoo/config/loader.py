@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
 
 from .build import build
-from .checks import check_run_config
+from .checks import check_config
 from .errors import ConfigError, nearest
 from .schema import CONFIG_KINDS, GenerationRunConfig, RunConfig
 
@@ -28,13 +29,16 @@ Origin = tuple[str | None, int | None]
 
 
 def load_config(name_or_path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
-                kind: Literal["training", "generation"] = "training") -> RunConfig | GenerationRunConfig:
+                kind: Literal["training", "generation"] = "training", *,
+                check: Callable[[Any], None] | None = None) -> RunConfig | GenerationRunConfig:
     """The validated config of ``kind`` from a YAML file or shipped name, with ``key=value`` overrides.
 
     ``name_or_path``: a YAML path, or a bare name (``llama2_70b`` / ``llama2_70b.yaml``) of a config
     shipped in ``modelzoo.configs/<kind>/``; None starts from the schema defaults. An existing file
     wins over a shipped name. Overrides use hydra's grammar (``training.learning_rate=1e-4``,
     ``model.patches=[]``, ``checkpoint.load_path=null``) and only set keys the schema defines.
+    ``check``: further rules run on the built config (the model's: see
+    ``modelzoo.models.llama.load_run_config``); their ConfigErrors are located like the schema's.
     """
     if isinstance(overrides, str):
         raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
@@ -48,7 +52,9 @@ def load_config(name_or_path: str | os.PathLike | None, overrides: list[str] | t
         _apply_override(data, origins, override)
     try:
         cfg = build(CONFIG_KINDS[kind], data)
-        check_run_config(cfg)
+        check_config(cfg)
+        if check is not None:
+            check(cfg)
     except ConfigError as err:
         if err.source is not None:
             raise

@@ -23,18 +23,25 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
 Backend = Literal["cpu", "inductor", "cuda"]
 """Execution backends (see ``modelzoo.backends``)."""
 
+STRUCTURAL_PATCHES: tuple[str, ...] = ("static_attention", "article_attention", "weighted_loss")
+"""Llama patches on by default (``modelzoo.models.llama.patch_llama`` implements every patch)."""
+PRECISION_PATCHES: tuple[str, ...] = ("fp32_ln", "fp32_logits", "fp32_skip_add", "mixedp_attn")
+"""Llama patches switched on by the flags of the same name."""
+PATCH_NAMES: tuple[str, ...] = STRUCTURAL_PATCHES + PRECISION_PATCHES
+
 
 @dataclass
 class ModelConfig:
-    """Which model to build and how its numerics are patched."""
+    """Which model to build and how its numerics are patched: also the settings ``patch_llama`` takes."""
 
     name_or_path: str = "llama_tiny"
     """A preset name (see ``modelzoo.models.llama.presets``) or an HF checkpoint directory."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype."""
     patches: list[str] | None = None
-    """Allow-list of Llama patches (``patch_llama.PATCH_NAMES``); [] runs stock HF. None applies the
-    structural patches plus the precision patches switched on by the flags below."""
+    """Allow-list of Llama patches (``PATCH_NAMES``); [] runs stock HF (generation only: training needs
+    ``weighted_loss``). None applies the structural patches plus the precision patches switched on
+    by the flags below."""
     fp32_ln: bool = False
     """Compute RMSNorm in float32 under a low-precision dtype."""
     fp32_logits: bool = False

@@ -19,7 +19,6 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from modelzoo.checkpoint.hf_weights import CheckpointError, load_weights_
 from modelzoo.checkpoint.int8 import METHOD, QUANT_KEY, Int8Linear, quantizable_linears
 from modelzoo.models.llama import (
-    LlamaPatchSettings,
     build_llama,
     from_pretrained,
     is_preset,
@@ -136,7 +135,7 @@ def load_for_generation(source: str, *, dtype: str = "float32", device: str | to
             quantize_for_generation_(model)
     enabled = [name for name in GENERATION_PATCHES if (precision or {}).get(name)]
     if enabled:
-        patch_llama(model, LlamaPatchSettings(patches=enabled))
+        patch_llama(model, {"patches": enabled})
     for param in model.parameters():
         param.requires_grad_(False)
     return model

@@ -9,6 +9,7 @@ ranks), exactly what one process computes on the combined batch. Each rank backp
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -23,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from modelzoo.checkpoint import manager as ckpt
 from modelzoo.checkpoint.hf_files import read_tokenizer_files
 from modelzoo.checkpoint.hf_save import write_hf_dir
-from modelzoo.config import RunConfig, dump_yaml
+from modelzoo.config import ConfigError, RunConfig, dump_yaml
 from modelzoo.data.token_types import loss_weights_from_token_types
 from modelzoo.parallel.mesh import build_mesh, init_distributed
 
@@ -119,8 +120,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> None:
-        from modelzoo.models.llama import LlamaPatchSettings, from_pretrained
+        from modelzoo.models.llama import from_pretrained
         from modelzoo.models.llama.parallelize import parallelize_llama
+        from modelzoo.models.llama.patch_llama import ENV_VAR
 
         mcfg, load = self.cfg.model, self.cfg.checkpoint.load_path
         source = load or mcfg.name_or_path
@@ -130,10 +132,12 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint.resume is set but {self.cfg.checkpoint.save_dir} has no "
                                            "'latest' checkpoint; drop checkpoint.resume to start fresh")
             source = str(latest)
-        settings = LlamaPatchSettings.from_mapping({**vars(mcfg), "prompt_loss_weight": self.t.prompt_loss_weight})
         overrides = mcfg.overrides if source == mcfg.name_or_path else None
         self.model = from_pretrained(source, dtype=mcfg.dtype, overrides=overrides, seed=self.t.seed,
-                                     settings=settings, device=self.device)
+                                     settings=mcfg, prompt_loss_weight=self.t.prompt_loss_weight, device=self.device)
+        if "weighted_loss" not in self.model._modelzoo_patches:  # model.patches is checked with the config
+            raise ConfigError(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r} leaves out the 'weighted_loss' patch, which "
+                              "is the training loss (token-type weights); unset it or add weighted_loss")
         self.hf_config = self.model._modelzoo_state["config"]  # the unpatched config, for saving
         check_sequence_length(self.t.max_seq_length, self.hf_config, self.t.allow_long_sequences, source)
         self.model.train()
