@@ -16,7 +16,6 @@ else is ever deleted:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,10 +106,7 @@ def _atomic_file(target: Path, overwrite: bool, inputs: list[Path]) -> Iterator[
     try:
         out = Output(work / target.name, work)
         yield out
-        with open(out.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(out.tmp, target)
-        atomic.fsync_dir(target.absolute().parent)
+        atomic.replace_file(out.tmp, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from modelzoo.checkpoint.int8 import (
     quantize_state,
 )
 from modelzoo.cli.convert import main
+from modelzoo.generation.loading import load_prequantized
 from modelzoo.models.llama.parallelize import shard_tensor, tp_layout
 
 
@@ -72,7 +73,7 @@ def test_hf_to_meta_to_hf_is_bit_identical(tmp_path, preset, n_mp, dtype):
 
 def test_meta_writer_matches_torch_save(tmp_path):
     """hf-to-meta's streaming .pth writer produces what torch.save of the same dict produces."""
-    from modelzoo.convert.torch_io import TorchPthWriter
+    from modelzoo.checkpoint.torch_io import TorchPthWriter
 
     state = {"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.arange(6, dtype=torch.int8)}
     writer = TorchPthWriter(tmp_path / "mine.pth", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()])
@@ -154,7 +155,7 @@ def test_quantize_int8_writes_the_int8_module_layout(tmp_path):
 
 
 def test_torch_reader_maps_views_and_falls_back_for_strided_tensors(tmp_path):
-    from modelzoo.convert.torch_io import TorchFile
+    from modelzoo.checkpoint.torch_io import TorchFile
 
     base = torch.randn(6, 4)
     state = {"view": base[2:5], "strided": base.t(), "plain": torch.arange(12, dtype=torch.int8).reshape(3, 4)}
@@ -168,14 +169,11 @@ def test_torch_reader_maps_views_and_falls_back_for_strided_tensors(tmp_path):
 
 def test_generation_loader_reads_the_int8_dir(tmp_path):
     """The generation side's pre-quantized loader opens what ``quantize --int8`` writes."""
-    loading = pytest.importorskip("modelzoo.generation.loading")
-    if not hasattr(loading, "load_prequantized"):
-        pytest.skip("modelzoo.generation.loading.load_prequantized not available")
     src = save_hf(tmp_path, "llama3_2_tiny")
     run("quantize", "--int8", "--input", str(src), "--output", str(tmp_path / "q"))
     model = AutoModelForCausalLM.from_pretrained(src)
     quantize_model_(model)
-    loaded = loading.load_prequantized(tmp_path / "q")
+    loaded = load_prequantized(tmp_path / "q")
     ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generation_fixtures import hf_greedy, save_checkpoint, train_tokenizer
+from helpers.generation_fixtures import hf_greedy, save_checkpoint, train_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelzoo.cli.generate import main
@@ -189,8 +189,8 @@ def _broken_dirs(tmp_path: Path, ckpt: Path) -> dict[str, Path]:
 ERROR_CASES = {
     "missing checkpoint": (["--checkpoint", "/no/such/ckpt"], "'/no/such/ckpt' is neither a preset nor a directory"),
     "no config.json": (["--checkpoint", "{empty}"], "is a directory without config.json"),
-    "corrupt config.json": (["--checkpoint", "{bad_json}"], "config.json: Expecting value: line 2"),
-    "truncated weights": (["--checkpoint", "{truncated}"], "corrupt or truncated safetensors file"),
+    "corrupt config.json": (["--checkpoint", "{bad_json}"], "config.json:2: invalid JSON (Expecting value)"),
+    "truncated weights": (["--checkpoint", "{truncated}"], "model.safetensors: truncated ("),
     "vocab mismatch": (["--checkpoint", "{small_vocab}"], "has 300 tokens but model"),
     "prompt longer than context": (["--checkpoint", "{short_context}", "--max-new-tokens", "8"],
                                    "the model's context (max_position_embeddings) is 32"),

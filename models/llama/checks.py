@@ -9,11 +9,11 @@ the model by :func:`~modelzoo.models.llama.parallelize.check_tensor_parallel`.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
+from modelzoo.checkpoint.json_file import read_json
 from modelzoo.config import ConfigError, GenerationRunConfig, ModelConfig, RunConfig, load_config
 from modelzoo.config.errors import nearest
 
@@ -89,10 +89,4 @@ def _read_config_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"model.name_or_path '{path}' is a directory without config.json; give an HF "
                           "checkpoint directory (convert Meta checkpoints first) or a preset name",
                           key="model.name_or_path")
-    try:
-        values = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {file}: {err}", key="model.name_or_path") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{file} does not hold a JSON object", key="model.name_or_path")
-    return values
+    return read_json(file, error=lambda message: ConfigError(message, key="model.name_or_path"))

@@ -6,7 +6,6 @@ place (nothing is allocated twice), a preset is materialized and randomly initia
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from modelzoo.checkpoint.hf_weights import CheckpointError, load_weights_
+from modelzoo.checkpoint.json_file import read_json
 from modelzoo.config import ModelConfig
 
 from .patch_llama import patch_llama
@@ -44,10 +44,7 @@ def load_llama_config(path_or_preset: str, overrides: dict[str, Any] | None = No
         raise CheckpointError(
             f"'{path_or_preset}' {what}; pass an HF checkpoint dir or a preset ({', '.join(preset_names())})"
         )
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}:{err.lineno}: invalid JSON ({err.msg})") from err
+    raw = read_json(config_file)
     if raw.get("model_type") != "llama":
         raise CheckpointError(
             f"{config_file}: model_type is {raw.get('model_type')!r}, not 'llama'; modelzoo.models.llama "

@@ -211,7 +211,8 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -223,12 +224,16 @@ def fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root`` (so a rename publishes durable data)."""
     for folder, _, filenames in os.walk(root):
         for name in filenames:
-            path = Path(folder) / name
-            if path.is_symlink():
-                continue
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(Path(folder))
+            if not (Path(folder) / name).is_symlink():
+                fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def replace_file(tmp: Path, target: Path) -> None:
+    """Publish the complete file ``tmp`` as ``target`` durably: fsync, ``os.replace``, fsync the dir."""
+    fsync_path(tmp)
+    os.replace(tmp, target)
+    fsync_path(Path(target).absolute().parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -271,7 +276,7 @@ def publish(scratch: Path, target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(scratch, target)
-    fsync_dir(target.absolute().parent)
+    fsync_path(target.absolute().parent)
     (target / SCRATCH_OWNER).unlink(missing_ok=True)
 
 

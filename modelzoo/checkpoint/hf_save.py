@@ -2,14 +2,12 @@
 
 The directory opens with ``transformers.AutoModelForCausalLM.from_pretrained`` unchanged; it is
 written into a scratch dir that :mod:`modelzoo.checkpoint.atomic` publishes.
-Shards are filled in iteration order up to ``max_shard_bytes``; one tensor is held at a time
-beyond the shard being filled.
+The tensors (a training state, in memory) are cut into shards in order at ``max_shard_bytes``
+(:func:`~modelzoo.checkpoint.safetensors_io.shard_groups`) and each is written by ``save_file``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .hf_files import add_v4_config_fields
-from .hf_weights import SAFE_INDEX, SAFE_SINGLE
+from .safetensors_io import nbytes_of, shard_groups, shard_names, write_index
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -25,37 +23,14 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 def write_safetensors_shards(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]],
                              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
     """Write ``tensors`` into ``out_dir`` as ``model.safetensors`` or numbered shards + index."""
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total = 0
-    written: list[tuple[str, list[str]]] = []
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        if shard:
-            name = f".shard-{len(written) + 1:05d}.safetensors"
-            save_file(shard, out_dir / name, metadata={"format": "pt"})
-            written.append((name, list(shard)))
-            shard, shard_bytes = {}, 0
-
-    for name, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            flush()
-        shard[name] = tensor.detach().contiguous().cpu()
-        shard_bytes += size
-        total += size
-    flush()
-    if len(written) == 1:
-        os.replace(out_dir / written[0][0], out_dir / SAFE_SINGLE)
-        return [SAFE_SINGLE]
-    weight_map, names = {}, []
-    for i, (tmp_name, keys) in enumerate(written, start=1):
-        final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
-        os.replace(out_dir / tmp_name, out_dir / final)
-        weight_map.update(dict.fromkeys(keys, final))
-        names.append(final)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors}
+    groups = shard_groups([(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], max_shard_bytes)
+    names = shard_names(len(groups))
+    for file, group in zip(names, groups, strict=True):
+        save_file({spec[0]: tensors[spec[0]] for spec in group}, out_dir / file, metadata={"format": "pt"})
+    if len(names) > 1:
+        weight_map = {spec[0]: file for file, group in zip(names, groups, strict=True) for spec in group}
+        write_index(out_dir, dict(sorted(weight_map.items())), sum(nbytes_of(*spec[1:]) for g in groups for spec in g))
     return names
 
 

@@ -1,29 +1,25 @@
 """Streaming load of Hugging Face weight files into a model built on the meta device.
 
-Tensors are read one at a time (safetensors memory-mapped; ``.bin`` with ``weights_only=True`` and
-``mmap=True``) and assigned straight into the model, so peak memory is the model plus one tensor.
+Tensors are read one at a time (safetensors by :class:`SafetensorsReader`; ``.bin`` with
+``weights_only=True`` and ``mmap=True``) and assigned straight into the model, so peak memory is the model plus one tensor.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
+from .errors import CheckpointError
+from .json_file import read_json
+from .safetensors_io import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, SafetensorsReader
+
+__all__ = ["IGNORED_SUFFIXES", "CheckpointError", "TensorMatch", "iter_tensors", "load_weights_", "weight_files"]
+
 #: Keys some older checkpoints carry that are recomputed at load time.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 
 def weight_files(ckpt_dir: str | Path) -> list[Path]:
@@ -32,12 +28,10 @@ def weight_files(ckpt_dir: str | Path) -> list[Path]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index_path = ckpt_dir / index_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(
-                    f"{index_path}: not a valid weight index ({err}); re-save the checkpoint"
-                ) from err
+            weight_map = read_json(index_path, fix="re-save the checkpoint").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a valid weight index (no weight_map object); "
+                                      "re-save the checkpoint")
             files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -57,22 +51,48 @@ def weight_files(ckpt_dir: str | Path) -> list[Path]:
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from one weight file, one tensor at a time."""
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, handle.get_tensor(name)
-        except SafetensorError as err:
-            raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors file ({err}); re-download or re-convert it"
-            ) from err
+        yield from SafetensorsReader(path).items()
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # pickle errors have many types; the message is what matters
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch file ({err}); convert it to safetensors"
-        ) from err
-    yield from state.items()
+    from .torch_io import load_weights_only
+
+    yield from load_weights_only(path).items()
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+class TensorMatch:
+    """The tensors a checkpoint's files hold, matched against the ``{name: shape}`` expected; errors
+    are one line naming the file, the tensor and what config.json implies."""
+
+    def __init__(self, ckpt_dir: str | Path, expected: dict[str, tuple[int, ...]], skip: tuple[str, ...] = ()) -> None:
+        self.ckpt_dir, self.expected, self.skip = Path(ckpt_dir), expected, skip
+        self.found: set[str] = set()
+        self.unexpected: list[str] = []
+
+    def take(self, path: Path, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether tensor ``name`` of file ``path`` is one expected (a wrong shape raises)."""
+        if name.endswith(IGNORED_SUFFIXES) or name in self.skip:
+            return False
+        if name not in self.expected:
+            self.unexpected.append(f"{name} ({path.name})")
+            return False
+        if tuple(shape) != tuple(self.expected[name]):
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)} but config.json implies "
+                                  f"{list(self.expected[name])}; the weights do not match config.json")
+        self.found.add(name)
+        return True
+
+    def check(self) -> None:
+        """Raise for unexpected tensors, then for expected ones no file held."""
+        if self.unexpected:
+            raise CheckpointError(f"{self.ckpt_dir}: unexpected tensor(s) {_listed(self.unexpected)}; the checkpoint "
+                                  "does not match config.json (not a Llama checkpoint of this architecture)")
+        missing = [name for name in self.expected if name not in self.found]
+        if missing:
+            raise CheckpointError(f"{self.ckpt_dir}: missing tensor(s) {_listed(missing)}; the checkpoint is "
+                                  "incomplete or does not match config.json")
 
 
 def load_weights_(model: nn.Module, ckpt_dir: str | Path, *, device: torch.device | str = "cpu",
@@ -90,39 +110,18 @@ def load_weights_(model: nn.Module, ckpt_dir: str | Path, *, device: torch.devic
     tied = tied or {}
     expected = dict(model.named_parameters(remove_duplicate=False))
     expected.update((n, b) for n, b in model.named_buffers() if _is_persistent(model, n))
-    loaded: set[str] = set()
-    unexpected: list[str] = []
+    match = TensorMatch(ckpt_dir, {name: tuple(t.shape) for name, t in expected.items()})
     for path in weight_files(ckpt_dir):
         for name, tensor in iter_tensors(path):
-            if name.endswith(IGNORED_SUFFIXES):
-                continue
-            if name not in expected:
-                unexpected.append(f"{name} ({path.name})")
-                continue
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(
-                    f"{path}: tensor '{name}' has shape {tuple(tensor.shape)} but the model expects "
-                    f"{tuple(expected[name].shape)}; the checkpoint does not match config.json"
-                )
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            _assign(model, name, tensor.to(device))
-            loaded.add(name)
-    if unexpected:
-        raise CheckpointError(
-            f"{ckpt_dir}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-            f"{' ...' if len(unexpected) > 5 else ''}; the checkpoint does not match config.json"
-        )
+            if match.take(path, name, tuple(tensor.shape)):
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                _assign(model, name, tensor.to(device))
     for target, source in tied.items():
-        if source in loaded:
+        if source in match.found:
             _assign(model, target, _get(model, source), share=True)
-            loaded.add(target)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise CheckpointError(
-            f"{ckpt_dir}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
-            "the checkpoint is incomplete or does not match config.json"
-        )
+            match.found.add(target)
+    match.check()
 
 
 def _is_persistent(model: nn.Module, name: str) -> bool:

@@ -23,7 +23,6 @@ replaced or deleted.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -35,10 +34,10 @@ from .atomic import (
     check_replaceable,
     clean_debris,
     finish,
-    fsync_dir,
     make_scratch,
     marker_proof,
     remove_tree,
+    replace_file,
     scratch_re,
 )
 from .hf_weights import CheckpointError
@@ -167,12 +166,8 @@ def finalize(save_dir: str | Path, step: int, scratch: Path, keep_last: int) -> 
     check_replaceable(final, marker_proof(KIND), what="checkpoint", error=CheckpointError)
     finish(scratch, final, KIND)
     pointer_tmp = save_dir / f".{LATEST}.tmp"
-    with open(pointer_tmp, "w") as handle:
-        handle.write(final.name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(pointer_tmp, save_dir / LATEST)
-    fsync_dir(save_dir)
+    pointer_tmp.write_text(final.name + "\n")
+    replace_file(pointer_tmp, save_dir / LATEST)
     _prune(save_dir, keep_last)
     return final
 

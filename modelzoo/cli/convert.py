@@ -129,9 +129,9 @@ def _open_input(args: argparse.Namespace):
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from modelzoo.checkpoint.safetensors_io import parse_size
     from modelzoo.convert.output import conversion_output
     from modelzoo.convert.progress import Progress
-    from modelzoo.convert.safetensors_io import parse_size
 
     max_shard = parse_size(getattr(args, "max_shard_size", "5GB"))
     bar = Progress(args.command, show=not args.quiet)

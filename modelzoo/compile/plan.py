@@ -25,12 +25,13 @@ Per-chip capacity assumptions (``samba_compile.chip_memory_gib`` overrides them)
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from modelzoo.checkpoint.atomic import replace_file
+from modelzoo.checkpoint.json_file import read_json
 from modelzoo.config import RunConfig, config_to_dict
 
 PLAN_FILE = "compile_plan.json"
@@ -167,7 +168,7 @@ def write_plan(plan: dict[str, Any], folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path, tmp = folder / PLAN_FILE, folder / f".{PLAN_FILE}.tmp"
     tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    os.replace(tmp, path)
+    replace_file(tmp, path)
     return path
 
 
@@ -176,10 +177,7 @@ def check_plan_for_run(cfg: RunConfig) -> dict[str, Any]:
     path = plan_path(cfg)
     if not path.is_file():
         raise PlanError(f"no compile plan at {path}; run the same config with command=compile first")
-    try:
-        plan = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PlanError(f"{path}:{err.lineno}: corrupt compile plan ({err.msg}); re-run with command=compile") from err
+    plan = read_json(path, fix="the compile plan is corrupt: re-run with command=compile", error=PlanError)
     from modelzoo.models.llama import load_llama_config
 
     config = load_llama_config(cfg.model.name_or_path, cfg.model.overrides)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from modelzoo.checkpoint.hf_weights import CheckpointError
@@ -25,12 +24,10 @@ def detect_format(path: str | Path) -> str:
         return "meta"
     config = path / "config.json"
     if config.is_file():
-        try:
-            raw = json.loads(config.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config}:{err.lineno}: invalid JSON ({err.msg})") from err
         from modelzoo.checkpoint.int8 import QUANT_KEY
+        from modelzoo.checkpoint.json_file import read_json
 
+        raw = read_json(config)
         return "int8" if QUANT_KEY in raw else "hf"
     raise CheckpointError(f"{path}: not a checkpoint (no config.json, params.json + consolidated.NN.pth, "
                           "or tp_shards.json)")

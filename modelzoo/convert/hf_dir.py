@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,18 @@ import torch
 from transformers import LlamaConfig
 
 from modelzoo.checkpoint.hf_files import add_v4_config_fields
-from modelzoo.checkpoint.hf_weights import IGNORED_SUFFIXES, CheckpointError, weight_files
+from modelzoo.checkpoint.hf_weights import CheckpointError, TensorMatch, weight_files
 from modelzoo.checkpoint.int8 import QUANT_KEY, SCALE_SUFFIX, dequantize_weight
+from modelzoo.checkpoint.json_file import read_json
+from modelzoo.checkpoint.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from modelzoo.checkpoint.torch_io import TorchFile
 from modelzoo.models.llama.loading import load_llama_config
 
-from .safetensors_io import SafetensorsFile, ShardedSafetensorsWriter
 from .tokenizer import TokenizerSource
-from .torch_io import TorchFile
 from .view import CheckpointView, TensorSource, hf_specs, mapped_rows, rechunk_rows
 
 
-def _file_source(name: str, reader: SafetensorsFile | TorchFile, dtype: torch.dtype,
+def _file_source(name: str, reader: SafetensorsReader | TorchFile, dtype: torch.dtype,
                  shape: tuple[int, ...]) -> TensorSource:
     def produce():
         yield from mapped_rows(lambda rows: reader.get(name, rows), shape, dtype)
@@ -55,29 +57,14 @@ def open_hf(path: str | Path, allow_int8: bool = False) -> CheckpointView:
     expected = hf_specs(config)
     for module in modules:
         expected[f"{module}.weight{SCALE_SUFFIX}"] = (expected[f"{module}.weight"][0],)
-    found: dict[str, tuple[SafetensorsFile | TorchFile, torch.dtype, tuple[int, ...]]] = {}
-    unexpected = []
+    found: dict[str, tuple[SafetensorsReader | TorchFile, torch.dtype, tuple[int, ...]]] = {}
+    match = TensorMatch(path, expected, skip=("lm_head.weight",) if config.tie_word_embeddings else ())
     for file in weight_files(path):
-        reader = SafetensorsFile(file) if file.suffix == ".safetensors" else TorchFile(file)
-        items = reader.tensors.items()
-        for name, info in items:
-            dtype, shape = (info.dtype, info.shape) if file.suffix == ".safetensors" else info
-            if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue
-            if name not in expected:
-                unexpected.append(f"{name} ({file.name})")
-                continue
-            if tuple(shape) != expected[name]:
-                raise CheckpointError(f"{file}: tensor '{name}' has shape {list(shape)} but config.json implies "
-                                      f"{list(expected[name])}; the weights do not match config.json")
-            found[name] = (reader, dtype, tuple(shape))
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:5])}; not a Llama checkpoint "
-                              "matching config.json")
-    missing = [name for name in expected if name not in found]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
+        reader = SafetensorsReader(file) if file.suffix == ".safetensors" else TorchFile(file)
+        for name, (dtype, shape) in reader.tensors.items():
+            if match.take(file, name, shape):
+                found[name] = (reader, dtype, tuple(shape))
+    match.check()
     sources = {}
     for name in expected:
         reader, dtype, shape = found[name]
@@ -90,7 +77,7 @@ def open_hf(path: str | Path, allow_int8: bool = False) -> CheckpointView:
         else:
             view_sources[name] = sources[name]
     gen_file = path / "generation_config.json"
-    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    generation = read_json(gen_file) if gen_file.is_file() else None
     notes = [f"int8 weights of {len(modules)} linears dequantized to float32 for comparison"] if modules else []
     return CheckpointView(path, "int8" if modules else "hf", config, view_sources, generation,
                           TokenizerSource.from_hf_dir(path), notes, native_tensors=len(sources),
@@ -132,17 +119,26 @@ def write_hf_metadata(view: CheckpointView, out_dir: Path, config: LlamaConfig |
         view.tokenizer.write_hf(out_dir, instruct=instruct)
 
 
-def write_hf(view: CheckpointView, out_dir: Path, max_shard_bytes: int, progress, instruct: bool = False) -> None:
-    """Write ``view`` as an HF checkpoint dir into (the temp dir) ``out_dir``, one tensor at a time."""
-    writer = ShardedSafetensorsWriter(out_dir, [(s.name, s.dtype, s.shape) for s in view.sources.values()],
-                                      max_shard_bytes)
+#: one output tensor: name, dtype, shape, and a callable giving its row-major chunks when its turn comes
+Entry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], Iterable[torch.Tensor]]]
+
+
+def write_weights(out_dir: Path, entries: list[Entry], max_shard_bytes: int, progress) -> None:
+    """Stream ``entries``, in order, into ``out_dir``'s HF weight files (shards + index)."""
+    writer = ShardedSafetensorsWriter(out_dir, [entry[:3] for entry in entries], max_shard_bytes)
     progress.total = writer.total_size
     try:
-        for src in view.sources.values():
-            progress.set_postfix_str(src.name, refresh=False)
-            progress.update(writer.write(src.name, src.chunks()))
+        for name, _, _, chunks in entries:
+            progress.set_postfix_str(name, refresh=False)
+            progress.update(writer.write(name, chunks()))
         writer.close()
     except BaseException:
         writer.abort()
         raise
+
+
+def write_hf(view: CheckpointView, out_dir: Path, max_shard_bytes: int, progress, instruct: bool = False) -> None:
+    """Write ``view`` as an HF checkpoint dir into (the temp dir) ``out_dir``, one tensor at a time."""
+    write_weights(out_dir, [(s.name, s.dtype, s.shape, s.chunks) for s in view.sources.values()], max_shard_bytes,
+                  progress)
     write_hf_metadata(view, out_dir, instruct=instruct)

@@ -19,13 +19,23 @@ import torch
 from transformers import LlamaConfig
 
 from modelzoo.checkpoint.hf_weights import CheckpointError
+from modelzoo.checkpoint.json_file import read_json
+from modelzoo.checkpoint.safetensors_io import nbytes_of
+from modelzoo.checkpoint.torch_io import TorchFile, TorchPthWriter
 from modelzoo.models.llama import meta_format as mf
 from modelzoo.models.llama.presets import get_preset
 
-from .safetensors_io import nbytes_of
 from .tokenizer import TokenizerSource
-from .torch_io import TorchFile, TorchPthWriter
-from .view import CheckpointView, TensorSource, aligned_rows, mapped_rows, row_blocks, row_ranges
+from .view import (
+    CheckpointView,
+    TensorSource,
+    aligned_rows,
+    column_block,
+    hf_specs,
+    mapped_rows,
+    row_blocks,
+    row_ranges,
+)
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -46,13 +56,7 @@ def read_params_file(path: Path) -> dict:
     file = path / "params.json"
     if not file.is_file():
         raise CheckpointError(f"{path}: no params.json; copy it from the Meta download (it holds the architecture)")
-    try:
-        params = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}:{err.lineno}: invalid JSON ({err.msg})") from err
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{file}: expected a JSON object of model fields")
-    return params
+    return read_json(file)
 
 
 class _Layout:
@@ -60,6 +64,8 @@ class _Layout:
 
     def __init__(self, config: LlamaConfig, n_files: int, emb_dim: int) -> None:
         self.config, self.k, self.emb_dim = config, n_files, emb_dim
+        self.hf_shapes = hf_specs(config)
+        self.hf_shapes.setdefault("lm_head.weight", self.hf_shapes["model.embed_tokens.weight"])  # tied: not listed
         heads, kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = mf.head_dim_of(config)
         self.kv_dup = 1
@@ -85,18 +91,7 @@ class _Layout:
         return self.kv_dup if mf.suffix(name) in ("attention.wk.weight", "attention.wv.weight") else 1
 
     def full_shape(self, name: str) -> tuple[int, ...]:
-        c = self.config
-        q, kv = c.num_attention_heads * self.head_dim, c.num_key_value_heads * self.head_dim
-        end = mf.suffix(name)
-        return {
-            "tok_embeddings.weight": (c.vocab_size, c.hidden_size), "output.weight": (c.vocab_size, c.hidden_size),
-            "norm.weight": (c.hidden_size,), "attention_norm.weight": (c.hidden_size,),
-            "ffn_norm.weight": (c.hidden_size,), "attention.wq.weight": (q, c.hidden_size),
-            "attention.wk.weight": (kv, c.hidden_size), "attention.wv.weight": (kv, c.hidden_size),
-            "attention.wo.weight": (c.hidden_size, q), "feed_forward.w1.weight": (c.intermediate_size, c.hidden_size),
-            "feed_forward.w3.weight": (c.intermediate_size, c.hidden_size),
-            "feed_forward.w2.weight": (c.hidden_size, c.intermediate_size),
-        }[end]
+        return self.hf_shapes[mf.hf_name(name)]
 
     def shard_shape(self, name: str) -> tuple[int, ...]:
         shape = list(self.full_shape(name))
@@ -139,7 +134,9 @@ def _merged_source(name: str, files: list[Path], readers: list[TorchFile], layou
                     yield from mapped_rows(lambda rows, r=readers[first]: r.get(name, rows), piece_shape, dtype)
         else:
             for rows in row_ranges(shape, dtype.itemsize):
-                yield torch.cat([reader.get(name, rows) for reader in readers], dim=1)
+                width = shape[1] // len(readers)
+                yield column_block(rows[1] - rows[0], shape[1], dtype,
+                                   [(lambda r=reader, rows=rows: r.get(name, rows), [(0, width)]) for reader in readers])
 
     where = f"{files[0].parent}/consolidated.*.pth"
     return TensorSource(hf, dtype, shape, produce, where=where)

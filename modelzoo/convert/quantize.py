@@ -24,8 +24,7 @@ from modelzoo.checkpoint.int8 import (
     quantize_weight,
 )
 
-from .hf_dir import write_hf_metadata
-from .safetensors_io import ShardedSafetensorsWriter
+from .hf_dir import Entry, write_hf_metadata, write_weights
 from .view import CheckpointView, rechunk_rows
 
 #: fp32 bytes per quantization block (quantize_weight makes a few fp32 temporaries of a block)
@@ -43,35 +42,24 @@ def write_int8(view: CheckpointView, out_dir: Path, max_shard_bytes: int, progre
     """Write ``view`` quantized into ``out_dir``; returns the quantized module names."""
     modules = int8_modules(view, include_lm_head)
     weights = {f"{m}.weight" for m in modules}
-    specs = []
+    entries: list[Entry] = []
     for src in view.sources.values():
-        if src.name in weights:
-            specs += [(src.name, torch.int8, src.shape), (f"{src.name}{SCALE_SUFFIX}", torch.float32, src.shape[:1])]
-        else:
-            specs.append((src.name, src.dtype, src.shape))
-    writer = ShardedSafetensorsWriter(out_dir, specs, max_shard_bytes)
-    progress.total = writer.total_size
-    try:
-        for src in view.sources.values():
-            progress.set_postfix_str(src.name, refresh=False)
-            if src.name not in weights:
-                progress.update(writer.write(src.name, src.chunks()))
-                continue
-            scales: list[torch.Tensor] = []
+        if src.name not in weights:
+            entries.append((src.name, src.dtype, src.shape, src.chunks))
+            continue
+        scales: list[torch.Tensor] = []
 
-            def quantized(src=src, scales=scales):
-                block = QUANT_BLOCK_BYTES * src.dtype.itemsize // 4
-                for rows in rechunk_rows(src.chunks(), block):
-                    q, scale = quantize_weight(rows)
-                    scales.append(scale)
-                    yield q
+        def quantized(src=src, scales=scales):
+            block = QUANT_BLOCK_BYTES * src.dtype.itemsize // 4
+            for rows in rechunk_rows(src.chunks(), block):
+                q, scale = quantize_weight(rows)
+                scales.append(scale)
+                yield q
 
-            progress.update(writer.write(src.name, quantized()))
-            progress.update(writer.write(f"{src.name}{SCALE_SUFFIX}", [torch.cat(scales)]))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+        entries.append((src.name, torch.int8, src.shape, quantized))
+        # written right after the weight, whose quantization fills ``scales``
+        entries.append((f"{src.name}{SCALE_SUFFIX}", torch.float32, src.shape[:1], lambda s=scales: [torch.cat(s)]))
+    write_weights(out_dir, entries, max_shard_bytes, progress)
     config = copy.deepcopy(view.config)
     setattr(config, QUANT_KEY, {"method": METHOD, "scheme": SCHEME, "modules": modules})
     write_hf_metadata(view, out_dir, config=config)

@@ -29,6 +29,13 @@ import torch
 from transformers import LlamaConfig
 
 from modelzoo.checkpoint.hf_weights import CheckpointError, weight_files
+from modelzoo.checkpoint.json_file import read_json
+from modelzoo.checkpoint.safetensors_io import (
+    DTYPE_NAMES,
+    DTYPES,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+)
 from modelzoo.config import ConfigError
 from modelzoo.models.llama.loading import load_llama_config
 from modelzoo.models.llama.meta_format import head_dim_of
@@ -42,9 +49,8 @@ from modelzoo.models.llama.parallelize import (
 )
 
 from .hf_dir import generation_config_for, write_hf_metadata
-from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsFile, ShardedSafetensorsWriter
 from .tokenizer import TokenizerSource
-from .view import BLOCK_BYTES, CheckpointView, TensorSource, hf_specs, row_blocks, row_ranges
+from .view import BLOCK_BYTES, CheckpointView, TensorSource, column_block, hf_specs, row_blocks, row_ranges
 
 MANIFEST = "tp_shards.json"
 FORMAT = "modelzoo-tp-shards"
@@ -148,16 +154,13 @@ def write_shards(view: CheckpointView, out_dir: Path, n_chips: int, max_shard_by
 
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}:{err.lineno}: invalid JSON ({err.msg}); re-run modelzoo-convert shard") from err
+    manifest = read_json(file, fix="re-run modelzoo-convert shard")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{file}: not a {FORMAT} v{VERSION} manifest; re-run modelzoo-convert shard")
     return manifest
 
 
-def _unshard_source(name: str, shape: tuple[int, ...], dtype: torch.dtype, readers: list[SafetensorsFile],
+def _unshard_source(name: str, shape: tuple[int, ...], dtype: torch.dtype, readers: list[SafetensorsReader],
                     layout: TPLayout, config: LlamaConfig) -> TensorSource:
     vocab = config.vocab_size
 
@@ -183,9 +186,15 @@ def _unshard_source(name: str, shape: tuple[int, ...], dtype: torch.dtype, reade
                 for a, b in row_ranges((length, shape[1]), dtype.itemsize):
                     yield readers[rank].get(name, (start + a, start + b))
             return
+        runs: list[tuple[int, list[tuple[int, int]]]] = []  # consecutive pieces of one chip: one fetch
+        for rank, start, length in pieces:
+            if runs and runs[-1][0] == rank:
+                runs[-1][1].append((start, length))
+            else:
+                runs.append((rank, [(start, length)]))
         for rows in row_ranges(shape, dtype.itemsize):
-            blocks = {rank: readers[rank].get(name, rows) for rank in {p[0] for p in pieces}}
-            yield torch.cat([blocks[rank][:, start:start + length] for rank, start, length in pieces], dim=1)
+            yield column_block(rows[1] - rows[0], shape[1], dtype,
+                               [(lambda r=rank, rows=rows: readers[r].get(name, rows), spans) for rank, spans in runs])
 
     return TensorSource(name, dtype, shape, produce, where=f"{readers[0].path.parent.parent}/rank_*")
 
@@ -200,7 +209,7 @@ class ChipCopies:
 
     layout: TPLayout
     head_dim: int
-    readers: dict[str, list[SafetensorsFile]]  # HF name -> the file holding it, per chip
+    readers: dict[str, list[SafetensorsReader]]  # HF name -> the file holding it, per chip
 
     @property
     def n_chips(self) -> int:
@@ -246,15 +255,15 @@ def open_tp_shards(path: str | Path) -> CheckpointView:
         raise CheckpointError(f"{path / MANIFEST}: kv_mode/padded_vocab disagree with config.json at n_chips={n_chips}; "
                               "the manifest and config do not belong together")
     head_dim = head_dim_of(config)
-    readers: list[dict[str, SafetensorsFile]] = []
+    readers: list[dict[str, SafetensorsReader]] = []
     for rank, sub in enumerate(manifest["ranks"]):
         if not (path / sub).is_dir():
             raise CheckpointError(f"{path / sub}: chip {rank}'s shard directory is missing; copy the complete shard dir")
-        names: dict[str, SafetensorsFile] = {}
+        names: dict[str, SafetensorsReader] = {}
         for file in weight_files(path / sub):
             if file.suffix != ".safetensors":
                 raise CheckpointError(f"{file}: shard dirs hold safetensors only")
-            reader = SafetensorsFile(file)
+            reader = SafetensorsReader(file)
             names.update((n, reader) for n in reader.keys())
         readers.append(names)
     expected = hf_specs(config)
@@ -280,7 +289,7 @@ def open_tp_shards(path: str | Path) -> CheckpointView:
         chip_files[name] = chip_readers
     gen_file = path / "generation_config.json"
     view = CheckpointView(path, "tp-shards", config, sources,
-                          json.loads(gen_file.read_text()) if gen_file.is_file() else None,
+                          read_json(gen_file) if gen_file.is_file() else None,
                           TokenizerSource.from_hf_dir(path), native_tensors=sum(len(r) for r in readers),
                           chips=ChipCopies(layout, head_dim, chip_files))
     view.generation_config = view.generation_config or generation_config_for(view)

@@ -9,7 +9,7 @@ knows its name, dtype and shape without reading data, and yields the tensor as r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +96,6 @@ class CheckpointView:
     def n_params(self) -> int:
         return sum(s.numel for s in self.sources.values())
 
-    @property
-    def largest_tensor_bytes(self) -> int:
-        return max(s.nbytes for s in self.sources.values())
-
 
 def row_ranges(shape: tuple[int, ...], itemsize: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` row ranges of about ``block_bytes`` covering a 2-D tensor of ``shape``."""
@@ -127,6 +123,22 @@ def row_blocks(tensor: torch.Tensor, block_bytes: int = BLOCK_BYTES) -> Iterator
     step = max(block_bytes // row_bytes, 1)
     for start in range(0, tensor.shape[0], step):
         yield tensor[start:start + step]
+
+
+def column_block(rows: int, width: int, dtype: torch.dtype,
+                 pieces: Iterable[tuple[Callable[[], torch.Tensor], list[tuple[int, int]]]]) -> torch.Tensor:
+    """One ``[rows, width]`` block assembled from column pieces: each ``(fetch, [(start, length), ...])``
+    fetches a stored block once and copies those of its columns in order; one fetched block lives at a
+    time beside the result (a ``torch.cat`` of the pieces would hold them all)."""
+    out = torch.empty((rows, width), dtype=dtype)
+    col = 0
+    for fetch, spans in pieces:
+        block = fetch()
+        for start, length in spans:
+            out[:, col:col + length] = block[:, start:start + length]
+            col += length
+        del block
+    return out
 
 
 def rechunk_rows(chunks: Iterator[torch.Tensor], block_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:

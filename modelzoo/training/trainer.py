@@ -51,9 +51,6 @@ class Dist:
     def dp_group(self):
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
-    def tp_group(self):
-        return self.mesh["tp"].get_group() if self.mesh is not None else None
-
 
 def _setup_dist(cfg: RunConfig, device_type: str) -> Dist:
     n_chips, dp = cfg.samba_compile.n_chips, cfg.data_parallel.world_size

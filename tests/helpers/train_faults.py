@@ -46,7 +46,7 @@ POINTS = {
     "rank_state": "modelzoo.checkpoint.manager:write_rank_state",
     "marker": "modelzoo.checkpoint.atomic:write_output_marker",
     "publish": "modelzoo.checkpoint.atomic:publish",
-    "latest": "modelzoo.checkpoint.manager:fsync_dir",  # called once ``latest`` has moved, before pruning
+    "latest": "modelzoo.checkpoint.manager:replace_file",  # moves ``latest`` (after it: before pruning)
     "prune": "modelzoo.checkpoint.manager:remove_tree",
 }
 
