@@ -37,7 +37,7 @@ def stock_and_patched(preset: str, settings=None, seed: int = 0, **overrides):
 @pytest.fixture(scope="session")
 def llama_like_tok(tmp_path_factory):
     """A tiny Llama-style tokenizer trained by the data-prep test fixtures (shared by the session)."""
-    from test_data_prep_fixtures import tokenizer_path
+    from helpers.data_prep_fixtures import tokenizer_path
 
     return tokenizer_path(tmp_path_factory, "llama")
 

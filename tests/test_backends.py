@@ -1,4 +1,5 @@
-"""Backend registry and the inductor (torch.compile) path against the eager CPU reference."""
+"""Backend registry (built-in and plugged-in backends, as the generator uses them) and the inductor
+(torch.compile) path against the eager CPU reference."""
 
 from __future__ import annotations
 
@@ -21,27 +22,91 @@ def test_registry_names_and_errors():
             get_backend("cuda")
 
 
-def test_a_new_backend_plugs_in():
-    class Recording(Backend):
-        name = "recording"
-        compiled_with = None
+class _Wrapped(torch.nn.Module):
+    """What a plugged-in backend returns from ``compile``: the model behind a call counter."""
 
-        @classmethod
-        def is_available(cls):
-            return True, ""
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
 
-        def device(self):
-            return torch.device("cpu")
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
 
-        def compile(self, model, plan=None):
-            type(self).compiled_with = plan
-            return model
+
+class Recording(Backend):
+    name = "recording"
+    available = (True, "")
+    compiled: list = []
+
+    @classmethod
+    def is_available(cls):
+        return cls.available
+
+    def device(self):
+        return torch.device("cpu")
+
+    def compile(self, model, plan=None):
+        wrapped = _Wrapped(model)
+        type(self).compiled.append((wrapped, plan, dict(self.options)))
+        return wrapped
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the backend registry, so a test's plug-ins do not leak into other tests."""
+    import modelzoo.backends as backends
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(Recording, "available", (True, ""))
+    monkeypatch.setattr(Recording, "compiled", [])
+    return backends
+
+
+def test_a_registered_backend_is_found_by_name_with_its_options(registry):
+    assert register_backend(Recording) is Recording  # usable as a decorator
+    assert "recording" in backend_names()
+    backend = get_backend("recording", index=3, mode="fast")
+    assert type(backend) is Recording
+    assert backend.options == {"index": 3, "mode": "fast"}
+    batch = backend.to_device({"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    assert batch["input_ids"].device == backend.device()
+    with pytest.raises(ValueError, match="did you mean 'recording'"):
+        get_backend("recordin")
+
+
+def test_an_unavailable_backend_raises_with_its_reason(registry):
+    register_backend(Recording)
+    Recording.available = (False, "the SDK runtime is not installed")
+    with pytest.raises(BackendUnavailableError, match="'recording' is unavailable: the SDK runtime is not"):
+        get_backend("recording")
+
+
+def test_a_backend_without_a_name_is_refused(registry):
+    class Nameless(Recording):
+        name = ""
+
+    with pytest.raises(ValueError, match="Nameless has no name"):
+        register_backend(Nameless)
+    assert "" not in backend_names()
+
+
+def test_generation_runs_through_a_plugged_in_backend(registry):
+    """The generator compiles its decoder with the named backend and runs every step through what the
+    backend returned; the tokens are those of the eager CPU path."""
+    from modelzoo.generation import Generator
 
     register_backend(Recording)
-    backend = get_backend("recording")
-    model = torch.nn.Linear(2, 2)
-    assert backend.compile(model, {"n_chips": 1}) is model
-    assert Recording.compiled_with == {"n_chips": 1}
+    model = from_pretrained("llama3_tiny", seed=0)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    eager = Generator(model, backend="cpu", batch_size=2, eos_token_ids=[])
+    want = [c.token_ids for c in eager.generate_ids(prompts, 8)]
+    gen = Generator(model, backend="recording", batch_size=2, eos_token_ids=[])
+    got = [c.token_ids for c in gen.generate_ids(prompts, 8)]
+    [(wrapped, _, _)] = Recording.compiled
+    assert wrapped.inner is gen.decoder and gen.step is wrapped
+    assert wrapped.calls == 8  # one prefill and 7 decode steps, all through the backend's module
+    assert got == want
 
 
 def test_inductor_matches_cpu_reference():

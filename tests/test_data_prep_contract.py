@@ -5,7 +5,7 @@ decoded text and token types."""
 from __future__ import annotations
 
 import pytest
-from test_data_prep_fixtures import (
+from helpers.data_prep_fixtures import (
     hf_tokenizer,
     prep_args,
     read_split,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from helpers import kill_points
-from test_data_prep_fixtures import (
+from helpers.data_prep_fixtures import (
     _train_bpe,
     leftovers,
     prep_args,

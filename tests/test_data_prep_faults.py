@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import pytest
 from helpers import kill_points
+from helpers.data_prep_fixtures import leftovers, prep_args, write_jsonl
 from synthetic_data import write_dataset
-from test_data_prep_fixtures import leftovers, prep_args, write_jsonl
 
 from modelzoo.checkpoint.atomic import SCRATCH_OWNER, make_scratch
 from modelzoo.data.dataset_layout import MANIFEST_FILE

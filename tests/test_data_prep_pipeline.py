@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from test_data_prep_fixtures import (
+from helpers.data_prep_fixtures import (
     hf_tokenizer,
     leftovers,
     prep_args,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_data_prep_fixtures import reference_pack
+from helpers.data_prep_fixtures import reference_pack
 
 from modelzoo.data_prep.errors import DataPrepError
 from modelzoo.data_prep.input_files import READ_BLOCK_BYTES, LineLimit, read_line_blocks, resolve_inputs

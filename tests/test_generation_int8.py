@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 from conftest import FAMILIES, stock_model
+from helpers.generation_fixtures import hf_greedy, random_prompts
 from safetensors.torch import load_file, save_file
-from test_generation_fixtures import hf_greedy, random_prompts
 from torch.testing import assert_close
 
 from modelzoo.checkpoint.int8 import QUANT_KEY, dequantize_weight, quantizable_linears, quantize_state

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, stock_model
-from test_generation_fixtures import STYLES, hf_greedy, random_prompts
+from helpers.generation_fixtures import STYLES, hf_greedy, random_prompts
 
 from modelzoo.generation import Generator, SamplingParams
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import stock_model
-from test_generation_fixtures import random_prompts
+from helpers.generation_fixtures import random_prompts
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_data_prep_fixtures import prep_args, read_split, write_jsonl
+from helpers.data_prep_fixtures import prep_args, read_split, write_jsonl
 
 from modelzoo.data.dataset_layout import sha256_of
 from modelzoo.data.hdf5_reader import DatasetError, HDF5DatasetDir, PackedSequenceDataset, ShardedSampler

@@ -1,19 +1,19 @@
-"""Tests for the Llama architecture presets (``modelzoo.models.llama.presets``).
+"""Tests for the Llama architecture presets (``modelzoo.models.llama.presets``) and modelzoo's builder.
 
-Big presets are built on the meta device only (no memory, no weights); their parameter counts are
-checked against the published sizes and against a count derived from the config by formula, and
-their distinguishing fields against the published ``config.json`` files. Tiny presets build real
-CPU models and run a forward pass.
+Big presets are built by modelzoo on the meta device only (no memory, no weights); their parameter
+counts are checked against the published sizes, and their distinguishing fields against the
+published ``config.json`` files. Tiny presets are materialized by modelzoo's builder on the CPU and
+checked against a stock ``transformers`` model of the same config (initialisation, buffers, tying).
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import transformers
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from modelzoo.models.llama import from_pretrained
 from modelzoo.models.llama.presets import (
     PRESETS,
     SYNTHETIC_PRESETS,
@@ -63,9 +63,9 @@ _PUBLISHED_CONFIGS = {
 PUBLISHED_CONFIGS = {name: dict(zip(_FIELDS, row, strict=True)) for name, row in _PUBLISHED_CONFIGS.items()}
 
 
-def build_on_meta(config: transformers.LlamaConfig) -> transformers.LlamaForCausalLM:
-    with torch.device("meta"):
-        return transformers.LlamaForCausalLM(config)
+def build_on_meta(name: str, **overrides) -> transformers.LlamaForCausalLM:
+    """modelzoo's builder, shapes only (``device="meta"``), unpatched."""
+    return from_pretrained(name, device="meta", overrides=overrides or None, patch=False)
 
 
 def param_count(model: torch.nn.Module) -> int:
@@ -73,44 +73,21 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def formula_param_count(config: transformers.LlamaConfig) -> int:
-    """Parameter count derived from the config alone.
-
-    Per layer: q_proj [H*d, h] and o_proj [h, H*d]; k_proj and v_proj [K*d, h] (GQA: K KV heads);
-    gate/up [F, h] and down [h, F] (F = intermediate_size); input and post-attention RMSNorm [h].
-    Plus embed_tokens [V, h], the final RMSNorm [h], and lm_head [V, h] unless tied. No biases.
-    """
-    h, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
-    H, K = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or h // H
-    attention = 2 * h * H * d + 2 * h * K * d
-    mlp = 3 * h * F
-    norms = 2 * h
-    per_layer = attention + mlp + norms
-    lm_head = 0 if config.tie_word_embeddings else V * h
-    return V * h + config.num_hidden_layers * per_layer + h + lm_head
-
-
 # ---------------------------------------------------------------------------- big presets (meta)
 
 
 @pytest.mark.parametrize("name", BIG_PRESETS)
 def test_param_count_matches_published_size(name):
-    count = param_count(build_on_meta(get_preset(name)))
+    count = param_count(build_on_meta(name))
     published = PUBLISHED_PARAMS[name]
     assert abs(count - published) / published < 0.005, f"{name}: {count:,} params vs published {published:.4g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", BIG_PRESETS)
-def test_param_count_matches_formula(name):
-    config = get_preset(name)
-    assert param_count(build_on_meta(config)) == formula_param_count(config)
-
-
-@pytest.mark.parametrize("name", BIG_PRESETS)
-def test_meta_build_materializes_nothing(name):
-    model = build_on_meta(get_preset(name))
-    assert all(p.is_meta for p in model.parameters())
+def test_meta_build_materializes_nothing(name, dtype):
+    model = from_pretrained(name, device="meta", dtype=dtype, patch=False)
+    assert all(p.is_meta and p.dtype == dtype for p in model.parameters())
     assert all(b.is_meta for b in model.buffers())
 
 
@@ -142,7 +119,7 @@ def test_fields_match_published_config_json(name):
 
 @pytest.mark.parametrize("name", ["llama3_2_1b", "llama3_2_3b"])
 def test_tied_presets_share_embedding_and_lm_head(name):
-    model = build_on_meta(get_preset(name))
+    model = build_on_meta(name)
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
@@ -152,9 +129,7 @@ def test_every_big_preset_is_checked():
 
 
 def test_benchmark_preset_is_about_60m():
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(get_preset("llama_60m"))
-    assert 55e6 < sum(p.numel() for p in model.parameters()) < 65e6
+    assert 55e6 < param_count(build_on_meta("llama_60m")) < 65e6
 
 
 # ------------------------------------------------------------------------- lookup and overrides
@@ -179,9 +154,10 @@ def test_overrides_replace_single_fields():
     assert config.max_position_embeddings == 2048
     assert config.num_key_value_heads == base.num_key_value_heads
     assert config.hidden_size == base.hidden_size
-    model = build_on_meta(config)
+    model = build_on_meta("llama2_70b", num_hidden_layers=1, max_position_embeddings=2048)  # via the builder
     assert len(model.model.layers) == 1
-    assert param_count(model) == formula_param_count(config)
+    assert model.config.max_position_embeddings == 2048
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (8 * 128, 8192)  # GQA kept
 
 
 def test_overrides_and_preset_dict_do_not_mutate_presets():
@@ -211,17 +187,58 @@ def test_tiny_presets_keep_family_features():
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)
-def test_tiny_preset_builds_fast_and_runs_forward(name):
-    config = get_preset(name)
+def test_tiny_preset_materializes_with_transformers_init(name):
+    """modelzoo builds on the meta device, then materializes and initialises: every tensor must end up
+    real, on the CPU, and initialised as stock ``transformers`` initialises the same config (no
+    uninitialised memory left by ``to_empty``; fp32 rotary buffers; tied weights still tied)."""
+    model = from_pretrained(name, seed=0, patch=False)
     torch.manual_seed(0)
-    start = time.perf_counter()
-    model = transformers.LlamaForCausalLM(config).eval()
-    build_s = time.perf_counter() - start
-    assert build_s < 1.0, f"{name} took {build_s:.2f} s to build"
-    assert all(p.device.type == "cpu" and not p.is_meta for p in model.parameters())
-    assert param_count(model) == formula_param_count(config)
+    stock = transformers.LlamaForCausalLM(get_preset(name))
+    stock_params = dict(stock.named_parameters())
+    assert [n for n, _ in model.named_parameters()] == list(stock_params)
+    for pname, param in model.named_parameters():
+        want = stock_params[pname]
+        assert param.device.type == "cpu" and not param.is_meta, pname
+        assert param.shape == want.shape and param.dtype == want.dtype, pname
+        if param.dim() == 1:  # RMSNorm weights: ones
+            assert torch.equal(param, want), pname
+        else:  # normal(0, initializer_range): sampling error of the std is under 2% at these sizes
+            std = want.std().item()
+            assert param.std().item() == pytest.approx(std, rel=0.1), pname
+            assert abs(param.mean().item()) < 0.1 * std, pname
+    stock_buffers = dict(stock.named_buffers())
+    for bname, buffer in model.named_buffers():
+        assert torch.equal(buffer, stock_buffers[bname]), bname
+    tied = get_preset(name).tie_word_embeddings
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
 
-    input_ids = torch.randint(0, config.vocab_size, (2, 16))
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_tiny_preset_seed_decides_the_weights(name):
+    a, b, c = (from_pretrained(name, seed=s, patch=False) for s in (3, 3, 4))
+    for (pname, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb), pname
+        if pa.dim() == 2:
+            assert not torch.equal(pa, pc), pname
+
+
+@pytest.mark.parametrize("name", ["llama2_tiny", "llama3_tiny", "llama3_2_tiny"])
+def test_bf16_build_keeps_fp32_rotary_frequencies(name):
+    """A bf16 model's rope frequencies stay those of the preset's rope settings in fp32 (rounding them
+    to bf16 would shift every position's angle, more the longer the context)."""
+    model = from_pretrained(name, dtype="bfloat16", seed=0, patch=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    want = LlamaRotaryEmbedding(config=get_preset(name))
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, want.inv_freq)
+    assert model.model.rotary_emb.rope_type == get_preset(name).rope_parameters["rope_type"]
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_tiny_preset_runs_forward(name):
+    model = from_pretrained(name, seed=0, patch=False)
+    config = model.config
+    input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
     assert logits.shape == (2, 16, config.vocab_size)

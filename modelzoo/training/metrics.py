@@ -4,12 +4,13 @@ FLOPs per trained token (forward + backward = 3x forward), following Kaplan et a
 PaLM appendix:
 
     6 * N_nonembed                  matmuls of the decoder layers (2 FLOPs per MAC, x3 for fwd+bwd)
-  + 12 * L * H * S                  attention scores and weighted values (QK^T and AV), causal
+  + 12 * L * Q * S                  attention scores and weighted values (QK^T and AV), causal
                                     masking not discounted
   + 6 * H * V                       the LM head
 
 where N_nonembed excludes the embedding and LM-head matrices, L = layers, H = hidden size,
-S = sequence length, V = vocab size.
+Q = heads x head_dim (the query width; H unless head_dim is set apart), S = sequence length,
+V = vocab size.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     kv_out = config.num_key_value_heads * head_dim
     per_layer = h * q_out + 2 * h * kv_out + q_out * h + 3 * h * config.intermediate_size
     n_nonembed = layers * per_layer
-    return 6 * n_nonembed + 12 * layers * h * seq_len + 6 * h * vocab
+    return 6 * n_nonembed + 12 * layers * q_out * seq_len + 6 * h * vocab  # attention: QK^T and AV, q width
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048,
