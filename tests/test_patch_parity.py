@@ -258,6 +258,6 @@ def test_patches_allow_list():
 def test_unsupported_transformers_version_is_refused():
     from modelzoo.models.llama import UnsupportedTransformersError, check_transformers_version
 
-    check_transformers_version("5.23.0")
-    with pytest.raises(UnsupportedTransformersError, match=r"4\.46\.0.*pip install 'transformers>=5\.23,<6"):
+    check_transformers_version("5.24.0")
+    with pytest.raises(UnsupportedTransformersError, match=r"4\.46\.0.*pip install 'transformers>=5\.24,<6"):
         check_transformers_version("4.46.0")

@@ -68,7 +68,7 @@ from modelzoo.data.token_types import (
 )
 
 #: ``transformers`` versions these patches are tested against (lower inclusive, upper exclusive).
-SUPPORTED_TRANSFORMERS = (Version("5.23"), Version("6.0"))
+SUPPORTED_TRANSFORMERS = (Version("5.24"), Version("6.0"))  # 5.24 renamed past_key_values to cache
 
 ATTN_IMPLEMENTATION = "modelzoo_static"
 ENV_VAR = "MODELZOO_PATCHES"
@@ -79,8 +79,8 @@ class UnsupportedTransformersError(RuntimeError):
 
 
 def patch_settings(settings: ModelConfig | dict | None = None) -> ModelConfig:
-    """The patch settings as a :class:`~modelzoo.config.ModelConfig` (a dict gives its fields; other
-    keys, e.g. a whole config section, are ignored)."""
+    """The patch settings as a :class:`~modelzoo.config.ModelConfig`; a dict gives its fields (and may
+    carry ``prompt_loss_weight``), an unknown key raises."""
     if settings is None:
         return ModelConfig()
     if isinstance(settings, ModelConfig):
@@ -220,7 +220,7 @@ class Fp32ResidualLlamaDecoderLayer(LlamaDecoderLayer):
     The attention and MLP blocks run in the dtype of their weights.
     """
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         compute_dtype = self.mlp.down_proj.weight.dtype
         residual = hidden_states.float()
@@ -229,7 +229,7 @@ class Fp32ResidualLlamaDecoderLayer(LlamaDecoderLayer):
             position_embeddings = tuple(t.to(compute_dtype) for t in position_embeddings)
         hidden, _ = self.self_attn(
             hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache,
+            cache=cache, use_cache=use_cache,
             position_embeddings=position_embeddings, **kwargs,
         )
         residual = residual + hidden.float()
@@ -262,13 +262,13 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
         article_ids: ``[B, S]`` article index per token (derived from token_type_ids if absent).
     """
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 token_type_ids=None, article_ids=None, return_logits=True, **kwargs):
         enabled = self._modelzoo_patches
         if article_ids is None and token_type_ids is not None:
             article_ids = article_ids_from_token_types(token_type_ids)
-        if "article_attention" in enabled and article_ids is not None and past_key_values is None:
+        if "article_attention" in enabled and article_ids is not None and cache is None:
             if attention_mask is not None and attention_mask.dim() != 4:
                 article_mask = article_causal_mask(article_ids)
                 padding = attention_mask.to(torch.bool)[:, None, None, :]
@@ -281,12 +281,12 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
         if not weighted:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                cache=cache, inputs_embeds=inputs_embeds, labels=labels,
                 use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
             )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
         hidden = outputs.last_hidden_state
         if token_type_ids is not None:
@@ -306,7 +306,7 @@ class PatchedLlamaForCausalLM(LlamaForCausalLM):
             logits = None
             loss, token_loss = self._weighted_targets_loss(hidden, targets, weights)
         return ModelzooCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            loss=loss, logits=logits, cache=outputs.cache,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             token_loss=token_loss, loss_weight=weights,
         )
