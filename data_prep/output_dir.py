@@ -56,11 +56,6 @@ def manifest_proof(directory: Path) -> str | None:
     return atomic.exactly_listed(directory, listed, ignore=set(BOOKKEEPING_FILES))
 
 
-def _report_debris(removed: list[Path]) -> None:
-    names = ", ".join(p.name for p in removed)
-    log(f"removed {len(removed)} scratch dir(s) left by an interrupted run: {names}")
-
-
 @contextmanager
 def atomic_output(
     path: str | Path, overwrite: bool, is_dir: bool, inputs: list[Path] = ()
@@ -73,7 +68,7 @@ def atomic_output(
         return
     with atomic.atomic_dir(
         target, kind=None, overwrite=overwrite, inputs=list(inputs), proof=manifest_proof, what=WHAT,
-        overwrite_flag=FLAG, error=DataPrepError, on_debris=_report_debris,
+        overwrite_flag=FLAG, error=DataPrepError, say=log,
     ) as tmp:
         work = atomic.make_scratch(target, "work")
         try:
@@ -102,7 +97,7 @@ def _atomic_file(target: Path, overwrite: bool, inputs: list[Path]) -> Iterator[
     except OSError as err:
         raise DataPrepError(f"{WHAT} {target}: cannot write beside it ({err})") from err
     if removed:
-        _report_debris(removed)
+        log(atomic.debris_note(removed))
     try:
         out = Output(work / target.name, work)
         yield out

@@ -205,20 +205,28 @@ def test_synthesized_meta_state_is_the_same_model(preset):
         assert (meta_forward(state, PARAMS[preset], tokens, 0, 8.0) - want).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("preset", ["llama2_tiny", "llama3_tiny", "llama3_2_tiny"])
-def test_mapping_round_trip_is_bit_identical(preset):
+@pytest.mark.parametrize(("preset", "n_mp"), [("llama2_tiny", 2), ("llama3_tiny", 1), ("llama3_2_tiny", 2)])
+def test_hf_to_meta_writes_what_the_independent_synthesizer_writes(tmp_path, preset, n_mp):
+    """hf-to-meta's files hold, rank by rank and bit for bit, what this file's synthesizer (the layout
+    the Meta forward above runs) gives; params.json reads back to the model's config."""
     model = stock_model(preset)
-    hf_state = {k: v for k, v in model.state_dict().items()
-                if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    meta, params = mf.from_hf(hf_state, model.config)
-    for name, tensor in meta_state(model).items():  # from_hf agrees with the independent synthesizer
-        assert torch.equal(meta[name], tensor), name
-    back, config = mf.to_hf(meta, params, preset=get_preset(preset))
-    assert back.keys() == hf_state.keys()
-    assert all(torch.equal(back[k], hf_state[k]) for k in hf_state)
+    model.save_pretrained(tmp_path / "hf")
+    split = "dim" if preset == "llama2_tiny" else "vocab"
+    assert main(["hf-to-meta", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "meta"), "--quiet",
+                 "--model-parallel", str(n_mp), "--embedding-split", split]) == 0
+    cfg = model.config
+    want = split_mp(meta_state(model), n_mp, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                    split == "dim")
+    for rank, rank_state in enumerate(want):
+        got = torch.load(tmp_path / "meta" / f"consolidated.{rank:02d}.pth", weights_only=True)
+        assert got.keys() == rank_state.keys()
+        assert all(torch.equal(got[name], rank_state[name]) for name in rank_state), rank
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    back = mf.config_to_hf(params, vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings,
+                           preset=get_preset(preset))
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings", "rope_parameters"):
-        assert getattr(config, key) == getattr(model.config, key), key
+                "rms_norm_eps", "max_position_embeddings", "rope_parameters"):
+        assert getattr(back, key) == getattr(cfg, key), key
 
 
 def test_params_json_mapping_matches_presets():

@@ -5,7 +5,7 @@ Meta layout (the ``llama`` / ``llama-models`` reference code): a directory with 
 model-parallel (MP) rank, plus ``tokenizer.model``. This module holds everything about that format
 that is not file I/O (``modelzoo.convert.meta`` streams the files):
 
-- tensor names (:data:`LAYER_NAMES`, :data:`GLOBAL_NAMES`, :func:`hf_name`, :func:`meta_name`);
+- tensor names (:data:`LAYER_NAMES`, :data:`GLOBAL_NAMES`, :func:`hf_name`);
 - the rotary permutation: Meta rotates interleaved pairs ``(x0, x1), (x2, x3), ...`` of every head,
   HF rotates halves ``(x0, x_{d/2}), ...``; q and k rows are permuted within each head
   (:func:`permute_to_hf` / :func:`permute_to_meta`; k uses the KV head count under GQA);
@@ -14,9 +14,7 @@ that is not file I/O (``modelzoo.convert.meta`` streams the files):
   dim 1 in Llama-2 (``ParallelEmbedding``) and along the vocabulary, dim 0, in Llama-3
   (``VocabParallelEmbedding``);
 - ``params.json`` <-> ``LlamaConfig`` (:func:`config_to_hf` / :func:`config_from_hf`), including the
-  FFN width rule and llama3 rope scaling;
-- whole-state-dict :func:`to_hf` / :func:`from_hf` for one MP rank (the reference the streaming
-  converter is tested against).
+  FFN width rule and llama3 rope scaling.
 
 Fields Meta's ``params.json`` does not hold are filled as documented in :func:`config_to_hf`.
 """
@@ -80,9 +78,6 @@ KNOWN_FFN_PARAMS: dict[tuple[int, int], tuple[int, float | None]] = {
 LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_TO_META_LAYER = {hf: meta for meta, hf in LAYER_NAMES.items()}
-_HF_TO_META_GLOBAL = {hf: meta for meta, hf in GLOBAL_NAMES.items()}
 
 
 class MetaFormatError(CheckpointError):
@@ -100,16 +95,6 @@ def hf_name(meta: str) -> str:
     if match and match.group(2) in LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
     raise KeyError(f"'{meta}' is not a Meta Llama tensor name")
-
-
-def meta_name(hf: str) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``layers.3.attention.wq.weight``."""
-    if hf in _HF_TO_META_GLOBAL:
-        return _HF_TO_META_GLOBAL[hf]
-    match = _HF_LAYER_RE.match(hf)
-    if match and match.group(2) in _HF_TO_META_LAYER:
-        return f"layers.{match.group(1)}.{_HF_TO_META_LAYER[match.group(2)]}"
-    raise KeyError(f"'{hf}' is not an HF Llama tensor name")
 
 
 def suffix(meta: str) -> str:
@@ -363,54 +348,6 @@ def embedding_split_dim(config: LlamaConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------- whole states
-
-
-def tensor_to_hf(meta: str, tensor: torch.Tensor, config: LlamaConfig) -> tuple[str, torch.Tensor]:
-    heads = rotary_heads(meta, config)
-    return hf_name(meta), (permute_to_hf(tensor, heads) if heads else tensor)
-
-
-def tensor_from_hf(hf: str, tensor: torch.Tensor, config: LlamaConfig) -> tuple[str, torch.Tensor]:
-    name = meta_name(hf)
-    heads = rotary_heads(name, config)
-    return name, (permute_to_meta(tensor, heads) if heads else tensor)
-
-
-def to_hf(meta_state: dict[str, torch.Tensor], params: dict[str, Any], **config_kwargs: Any
-          ) -> tuple[dict[str, torch.Tensor], LlamaConfig]:
-    """One-rank (MP=1) Meta state dict + ``params.json`` -> HF state dict and config.
-
-    Tied embeddings (Llama-3.2) when ``output.weight`` is absent or equals the embedding.
-    """
-    emb = meta_state["tok_embeddings.weight"]
-    out = meta_state.get("output.weight")
-    tied = config_kwargs.pop("tie_word_embeddings", None)
-    if tied is None:
-        tied = out is None or torch.equal(out, emb)
-    config = config_to_hf(params, vocab_size=emb.shape[0], tie_word_embeddings=tied, **config_kwargs)
-    state = {}
-    for name in meta_names(config.num_hidden_layers):
-        if name == "output.weight" and tied:
-            continue
-        key, tensor = tensor_to_hf(name, meta_state[name], config)
-        state[key] = tensor
-    return state, config
-
-
-def from_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """HF state dict + config -> one-rank Meta state dict and ``params.json`` (exact inverse of :func:`to_hf`).
-
-    A tied model gets ``output.weight`` as a copy of the embedding (Meta's reference model has no
-    tying; Llama-3.2's own files carry both).
-    """
-    params = config_from_hf(config)
-    meta_state = {}
-    for name in meta_names(config.num_hidden_layers):
-        if name == "output.weight" and config.tie_word_embeddings:
-            meta_state[name] = state["model.embed_tokens.weight"].clone()
-        else:
-            meta_state[name] = tensor_from_hf(hf_name(name), state[hf_name(name)], config)[1]
-    return meta_state, params
 
 
 def head_dim_of(config: LlamaConfig) -> int:

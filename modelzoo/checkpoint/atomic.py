@@ -185,6 +185,10 @@ def scratch_of(target: Path) -> list[Path]:
     return [p for p in target.parent.iterdir() if pattern.match(p.name)] if target.parent.is_dir() else []
 
 
+def debris_note(removed: list[Path]) -> str:
+    return f"removed {len(removed)} scratch dir(s) left by an interrupted run: {', '.join(p.name for p in removed)}"
+
+
 def clean_debris(candidates: Iterable[Path]) -> list[Path]:
     """Remove those of ``candidates`` that are abandoned scratch of ours; returns what was removed."""
     removed = []
@@ -284,12 +288,12 @@ def publish(scratch: Path, target: Path) -> None:
 def atomic_dir(target: str | Path, *, kind: str | None, overwrite: bool, inputs: list[str | Path] = (),
                proof: Proof | None = None, what: str = "--output", overwrite_flag: str = "--overwrite",
                error: type[Exception] = OutputError,
-               on_debris: Callable[[list[Path]], None] | None = None) -> Iterator[Path]:
+               say: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Yield a scratch dir that becomes ``target`` when the block succeeds.
 
     Refuses (``error``) an output that overlaps ``inputs``, exists without ``overwrite``, or exists
     and is not proven ours (``proof``, default: a ``kind`` marker). Abandoned scratch of ``target``
-    is removed first (``on_debris`` hears of it). With ``kind`` the marker is written last. On any
+    is removed first (``say`` gets the :func:`debris_note`). With ``kind`` the marker is written last. On any
     exception, or a kill, ``target`` is as it was.
     """
     target = Path(target)
@@ -304,8 +308,8 @@ def atomic_dir(target: str | Path, *, kind: str | None, overwrite: bool, inputs:
         scratch = make_scratch(target, "tmp")
     except OSError as err:
         raise error(f"{what} {target}: cannot write beside it ({err})") from err
-    if removed and on_debris is not None:
-        on_debris(removed)
+    if removed and say is not None:
+        say(debris_note(removed))
     try:
         yield scratch
         finish(scratch, target, kind)

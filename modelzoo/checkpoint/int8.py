@@ -31,9 +31,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale 1 (it dequantizes to zeros exactly).
     """
     w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)
+    if w.data_ptr() == weight.data_ptr():
+        w = w.clone()  # fp32 input: divided in place below, so work on a copy
+    absmax = torch.maximum(w.amax(dim=1), -w.amin(dim=1))  # no |w| temporary (peak memory of quantize)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 

@@ -25,11 +25,6 @@ KINDS = {"meta-to-hf": "hf-model", "unshard": "hf-model", "hf-to-meta": "meta", 
 REPLACEABLE = marker_proof(*sorted(set(KINDS.values())))
 
 
-def _say_removed(removed: list[Path]) -> None:
-    names = ", ".join(p.name for p in removed)
-    print(f"note: removed {len(removed)} scratch dir(s) left by an interrupted run: {names}")
-
-
 @contextmanager
 def conversion_output(command: str, output: str | Path, inputs: list[str | Path], overwrite: bool) -> Iterator[Path]:
     """Yield the scratch dir to write ``command``'s output into; it becomes ``output`` on success.
@@ -38,5 +33,5 @@ def conversion_output(command: str, output: str | Path, inputs: list[str | Path]
     overlaps an input, exists without ``overwrite``, or is not replaceable (see module doc).
     """
     with atomic_dir(output, kind=KINDS[command], overwrite=overwrite, inputs=inputs, proof=REPLACEABLE,
-                    error=CheckpointError, on_debris=_say_removed) as scratch:
+                    error=CheckpointError, say=lambda note: print(f"note: {note}")) as scratch:
         yield scratch

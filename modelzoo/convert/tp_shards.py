@@ -186,15 +186,10 @@ def _unshard_source(name: str, shape: tuple[int, ...], dtype: torch.dtype, reade
                 for a, b in row_ranges((length, shape[1]), dtype.itemsize):
                     yield readers[rank].get(name, (start + a, start + b))
             return
-        runs: list[tuple[int, list[tuple[int, int]]]] = []  # consecutive pieces of one chip: one fetch
-        for rank, start, length in pieces:
-            if runs and runs[-1][0] == rank:
-                runs[-1][1].append((start, length))
-            else:
-                runs.append((rank, [(start, length)]))
         for rows in row_ranges(shape, dtype.itemsize):
             yield column_block(rows[1] - rows[0], shape[1], dtype,
-                               [(lambda r=rank, rows=rows: readers[r].get(name, rows), spans) for rank, spans in runs])
+                               [(lambda r=rank, rows=rows: readers[r].get(name, rows), start, length)
+                                for rank, start, length in pieces])
 
     return TensorSource(name, dtype, shape, produce, where=f"{readers[0].path.parent.parent}/rank_*")
 

@@ -126,18 +126,15 @@ def row_blocks(tensor: torch.Tensor, block_bytes: int = BLOCK_BYTES) -> Iterator
 
 
 def column_block(rows: int, width: int, dtype: torch.dtype,
-                 pieces: Iterable[tuple[Callable[[], torch.Tensor], list[tuple[int, int]]]]) -> torch.Tensor:
-    """One ``[rows, width]`` block assembled from column pieces: each ``(fetch, [(start, length), ...])``
-    fetches a stored block once and copies those of its columns in order; one fetched block lives at a
-    time beside the result (a ``torch.cat`` of the pieces would hold them all)."""
+                 pieces: Iterable[tuple[Callable[[], torch.Tensor], int, int]]) -> torch.Tensor:
+    """One ``[rows, width]`` block from column pieces ``(fetch, start, length)``, in order: columns
+    ``[start, start + length)`` of the stored block ``fetch()``. One fetched block lives at a time
+    beside the result (a ``torch.cat`` of the pieces would hold them all)."""
     out = torch.empty((rows, width), dtype=dtype)
     col = 0
-    for fetch, spans in pieces:
-        block = fetch()
-        for start, length in spans:
-            out[:, col:col + length] = block[:, start:start + length]
-            col += length
-        del block
+    for fetch, start, length in pieces:
+        out[:, col:col + length] = fetch()[:, start:start + length]
+        col += length
     return out
 
 
