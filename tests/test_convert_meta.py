@@ -300,3 +300,14 @@ def test_bf16_stays_bf16_and_large_checkpoints_get_an_index(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     ref = reference.state_dict()
     assert all(torch.equal(t, ref[n]) for n, t in loaded.state_dict().items())
+
+
+def test_column_block_refuses_pieces_that_do_not_cover_the_block():
+    from modelzoo.checkpoint.errors import CheckpointError
+    from modelzoo.convert.view import column_block
+
+    a, b = torch.arange(6.0).reshape(2, 3), torch.arange(6.0, 10.0).reshape(2, 2)
+    got = column_block(2, 4, torch.float32, [(lambda: a, 1, 2), (lambda: b, 0, 2)])
+    assert torch.equal(got, torch.cat([a[:, 1:], b], dim=1))
+    with pytest.raises(CheckpointError, match="cover 3 of 4 columns"):
+        column_block(2, 4, torch.float32, [(lambda: a, 0, 3)])

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from modelzoo.cli.train import main as train_main
 from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, write_plan
-from modelzoo.config import load_config, shipped_configs
+from modelzoo.config import ConfigError, load_config, shipped_configs
 from modelzoo.data.dataset_layout import write_manifest
 from modelzoo.data.hdf5_reader import DatasetError
 from modelzoo.parallel.mesh import spawn_cpu
@@ -245,6 +245,11 @@ def test_training_without_the_weighted_loss_patch_is_refused(tmp_path, data, cap
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "MODELZOO_PATCHES='none'" in err and "weighted_loss" in err
     assert not list((tmp_path / "ck").glob("step_*"))
+    monkeypatch.delenv("MODELZOO_PATCHES")
+    cfg = _cfg(tmp_path, data)
+    cfg.model.patches = ["static_attention"]  # built in code, past load_config's check: the trainer refuses it
+    with pytest.raises(ConfigError, match=r"model.patches=\['static_attention'\] leaves out the 'weighted_loss'"):
+        Trainer(cfg, quiet=True)
 
 
 def test_dp_larger_than_training_files(tmp_path, data, capsys):

@@ -143,9 +143,9 @@ def _merged_source(name: str, files: list[Path], readers: list[TorchFile], layou
                     yield from mapped_rows(lambda rows, r=readers[first]: r.get(name, rows), piece_shape, dtype)
         else:
             for rows in row_ranges(shape, dtype.itemsize):
-                width = shape[1] // len(readers)
                 yield column_block(rows[1] - rows[0], shape[1], dtype,
-                                   [(lambda r=reader, rows=rows: r.get(name, rows), 0, width) for reader in readers])
+                                   [(lambda r=reader, rows=rows: r.get(name, rows), 0, reader.tensors[name].shape[1])
+                                    for reader in readers])
 
     where = f"{files[0].parent}/consolidated.*.pth"
     return TensorSource(hf, dtype, shape, produce, where=where)

@@ -135,6 +135,8 @@ def column_block(rows: int, width: int, dtype: torch.dtype,
     for fetch, start, length in pieces:
         out[:, col:col + length] = fetch()[:, start:start + length]
         col += length
+    if col != width:  # uncovered columns would be uninitialized memory
+        raise CheckpointError(f"column pieces cover {col} of {width} columns; the checkpoint is inconsistent")
     return out
 
 

@@ -132,9 +132,11 @@ class Trainer:
         overrides = mcfg.overrides if source == mcfg.name_or_path else None
         self.model = from_pretrained(source, dtype=mcfg.dtype, overrides=overrides, seed=self.t.seed,
                                      settings=mcfg, prompt_loss_weight=self.t.prompt_loss_weight, device=self.device)
-        if "weighted_loss" not in self.model._modelzoo_patches:  # model.patches is checked with the config
-            raise ConfigError(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r} leaves out the 'weighted_loss' patch, which "
-                              "is the training loss (token-type weights); unset it or add weighted_loss")
+        if "weighted_loss" not in self.model._modelzoo_patches:  # load_config refuses such a model.patches first
+            source, fix = (f"{ENV_VAR}={os.environ[ENV_VAR]!r}", f"unset {ENV_VAR} or add weighted_loss") \
+                if ENV_VAR in os.environ else (f"model.patches={mcfg.patches}", "add weighted_loss to model.patches")
+            raise ConfigError(f"{source} leaves out the 'weighted_loss' patch, which is the training loss "
+                              f"(token-type weights); {fix}")
         self.hf_config = self.model._modelzoo_state["config"]  # the unpatched config, for saving
         check_sequence_length(self.t.max_seq_length, self.hf_config, self.t.allow_long_sequences, source)
         self.model.train()
