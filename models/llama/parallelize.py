@@ -21,6 +21,7 @@ per-chip checkpoint shards (:func:`shard_tensor` / :func:`unshard_tensors`), so 
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -196,17 +197,61 @@ def replicate_kv_heads_(model: nn.Module, n_chips: int) -> None:
     config.num_key_value_heads = n_chips
 
 
-def parallelize_llama(model: nn.Module, tp_mesh, *, training: bool = False) -> TPLayout:
-    """Apply the TP plan to a built (CPU/CUDA) model in place, on a 1-D device mesh.
+def _tp_plan(layout: TPLayout, sequence_parallel: bool) -> dict:
+    """The ``parallelize_module`` plan (module-name pattern -> ParallelStyle) for ``layout``.
+
+    Without sequence parallelism the residual stream is replicated on every chip. With it
+    (Megatron-LM's sequence parallelism, Korthikanti et al. 2022), the residual stream between the
+    attention and MLP blocks is a DTensor sharded on the sequence dimension (``Shard(1)``): the
+    RMSNorms run on ``S / n_chips`` positions per chip, each block all-gathers its normed input
+    (``PrepareModuleInput``: Shard(1) -> Replicate) and its row-parallel output projection
+    reduce-scatters onto the sequence shards instead of all-reducing. The embedding output is cut
+    into sequence shards (a local slice, no communication); the final norm gathers the sequence
+    back, so the LM head and loss see full, plain tensors as without SP.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    row_out = {"output_layouts": Shard(1), "use_local_output": False} if sequence_parallel else {}
+    styles = {COLWISE: ColwiseParallel, ROWWISE: lambda: RowwiseParallel(**row_out)}
+    plan: dict = {}
+    if sequence_parallel:
+        plan["model.embed_tokens"] = PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plan[f"model.layers.*.{norm}"] = SequenceParallel()
+        plan["model.layers.*.self_attn"] = PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()})
+        plan["model.layers.*.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        plan["model.norm"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                use_local_output=True)
+    for pattern, style in LLAMA_TP_PLAN.items():
+        if style == VOCAB:
+            if layout.lm_head_style == VOCAB:
+                plan[pattern] = ColwiseParallel(output_layouts=Replicate())
+        else:
+            plan[pattern] = styles[style]()
+    return plan
+
+
+def parallelize_llama(model: nn.Module, tp_mesh, *, training: bool = False,
+                      sequence_parallel: bool = False) -> TPLayout:
+    """Apply the TP plan to a built (CPU/CUDA) model in place, on a 1-D device mesh (``apply_tp``).
 
     Every rank must hold the same full weights before the call (same seed or same checkpoint);
     afterwards each holds its shards as DTensors. Returns the layout used.
 
     ``training=True`` refuses KV-head replication: replicated KV copies would each receive only
-    their own chips' gradient and drift apart.
+    their own chips' gradient and drift apart. ``sequence_parallel`` see :func:`_tp_plan`.
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     n_chips = tp_mesh.size()
     layout = tp_layout(model.config, n_chips)
@@ -219,13 +264,131 @@ def parallelize_llama(model: nn.Module, tp_mesh, *, training: bool = False) -> T
                 f"samba_compile.n_chips={n_chips} exceeds num_key_value_heads={kv}: KV heads would be "
                 f"replicated, which is supported for inference only; train with n_chips <= {kv}")
         replicate_kv_heads_(model, n_chips)
-    styles = {COLWISE: ColwiseParallel, ROWWISE: RowwiseParallel}
-    plan = {}
-    for pattern, style in LLAMA_TP_PLAN.items():
-        if style == VOCAB:
-            if layout.lm_head_style == VOCAB:
-                plan[pattern] = ColwiseParallel(output_layouts=Replicate())
-        else:
-            plan[pattern] = styles[style]()
-    parallelize_module(model, tp_mesh, plan)
+    parallelize_module(model, tp_mesh, _tp_plan(layout, sequence_parallel))
     return layout
+
+
+apply_tp = parallelize_llama
+
+# ----------------------------------------------------------------------------------------------
+# activation recompute, compile, data parallelism: the rest of the training sequence
+# ----------------------------------------------------------------------------------------------
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+#: ``recompute: selective`` checkpoints every SELECTIVE_EVERY-th decoder block (blocks 0, 2, 4, ...).
+SELECTIVE_EVERY = 2
+
+
+def recomputed_blocks(num_layers: int, mode: str) -> list[int]:
+    """Indices of the decoder blocks whose activations are recomputed in backward under ``mode``."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"training.recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
+    step = {"none": 0, "selective": SELECTIVE_EVERY, "full": 1}[mode]
+    return list(range(0, num_layers, step)) if step else []
+
+
+def _checkpointed(forward):
+    """``forward`` run under non-reentrant ``torch.utils.checkpoint`` (only the block's input and
+    its non-tensor arguments are kept; everything inside is recomputed in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+    return run
+
+
+def apply_ac(model: nn.Module, mode: str) -> list[int]:
+    """Activation recompute per decoder block (``training.recompute``), in place; returns the
+    recomputed block indices.
+
+    ``full`` recomputes every block: a block keeps only its input (``B x S x H``) between forward
+    and backward, and one block's activations live at a time during backward. ``selective``
+    recomputes every :data:`SELECTIVE_EVERY`-th block (0, 2, ...), halving activation memory for
+    half the extra compute. The block's own ``forward`` is wrapped (module names, hence state-dict
+    keys and checkpoint files, are unchanged); apply it after TP and before compile and FSDP, so
+    FSDP's all-gather hooks stay outside the recomputed region.
+    """
+    blocks = recomputed_blocks(len(model.model.layers), mode)
+    for index in blocks:
+        layer = model.model.layers[index]
+        layer.forward = _checkpointed(layer.forward)
+    return blocks
+
+
+def apply_compile(model: nn.Module, backend) -> None:
+    """Compile each decoder block in place with the backend (per block, as torchtitan does: the
+    blocks are identical, so one compiled graph serves all of them). The LM head and loss stay
+    eager: they run only at targets of nonzero weight, a data-dependent count."""
+    for layer in model.model.layers:
+        backend.compile_block(layer)
+
+
+def _mp_policy(mixed_precision: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision == "none":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: str = "none") -> None:
+    """FSDP2: parameters, gradients and optimizer state sharded over ``dp_mesh``, per decoder block
+    and the root (embedding, final norm, LM head). Under TP the parameters are already DTensors on
+    the TP mesh; FSDP shards them further on the DP dimension of the same 2-D mesh.
+    ``mixed_precision="bfloat16"`` computes with bf16 copies of the parameters and reduces
+    gradients in fp32 (the sharded parameters stay in the model dtype)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = _mp_policy(mixed_precision)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def apply_replicate(model: nn.Module, dp_mesh, *, mixed_precision: str = "none") -> None:
+    """Data parallelism with replicated parameters (DDP semantics: gradients all-reduced over
+    ``dp_mesh`` in backward), through torch's composable ``replicate``, per block and the root."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    policy = _mp_policy(mixed_precision)
+    for layer in model.model.layers:
+        replicate(layer, mesh=dp_mesh, mp_policy=policy)
+    replicate(model, mesh=dp_mesh, mp_policy=policy)
+
+
+@dataclass(frozen=True)
+class TrainingParallelism:
+    """What :func:`parallelize_for_training` applies (from ``samba_compile`` and ``training``)."""
+
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    fsdp: bool = False
+    mixed_precision: str = "none"
+
+
+def parallelize_for_training(model: nn.Module, mesh, settings: TrainingParallelism, backend=None) -> dict:
+    """The whole sequence, in torchtitan's order, on a built model in place: TP (with sequence
+    parallelism) -> activation recompute -> per-block compile -> FSDP2 or replicate (DDP).
+
+    ``mesh``: a 2-D ``("dp", "tp")`` DeviceMesh, or None for one process. Returns what was applied.
+    """
+    tp = mesh["tp"].size() if mesh is not None else 1
+    dp = mesh["dp"].size() if mesh is not None else 1
+    applied: dict = {"tp": tp, "dp": dp}
+    if tp > 1:
+        parallelize_llama(model, mesh["tp"], training=True, sequence_parallel=settings.sequence_parallel)
+        applied["sequence_parallel"] = settings.sequence_parallel
+    applied["recompute"] = apply_ac(model, settings.recompute)
+    if backend is not None:
+        apply_compile(model, backend)
+    if dp > 1:
+        if settings.fsdp:
+            apply_fsdp(model, mesh["dp"], mixed_precision=settings.mixed_precision)
+        else:
+            apply_replicate(model, mesh["dp"], mixed_precision=settings.mixed_precision)
+        applied["data_parallel"] = "fsdp" if settings.fsdp else "replicate"
+    return applied

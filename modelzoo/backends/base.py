@@ -50,6 +50,11 @@ class Backend(ABC):
                 specialise on it; the reference backends read only what they need.
         """
 
+    def compile_block(self, module: nn.Module) -> None:  # noqa: B027 (optional: eager backends keep blocks as they are)
+        """Compile one repeated block (a decoder layer) in place, keeping its parameters and
+        state-dict keys; training compiles block by block after TP and recompute, before FSDP.
+        Eager backends leave it as it is."""
+
     def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move a dict of input tensors to :meth:`device`."""
         return {k: v.to(self.device()) for k, v in batch.items()}

@@ -49,6 +49,10 @@ class InductorBackend(Backend):
             mode=self.options.get("mode"), fullgraph=self.options.get("fullgraph", False),
         )
 
+    def compile_block(self, module: nn.Module) -> None:
+        module.compile(backend="inductor", dynamic=False, mode=self.options.get("mode"),
+                       fullgraph=self.options.get("fullgraph", False))
+
 
 class CudaBackend(Backend):
     """Eager PyTorch on a CUDA GPU (option ``compile=True`` adds torch.compile)."""
@@ -69,6 +73,10 @@ class CudaBackend(Backend):
         if self.options.get("compile", False):
             return torch.compile(model, dynamic=False)
         return model
+
+    def compile_block(self, module: nn.Module) -> None:
+        if self.options.get("compile", False):
+            module.compile(dynamic=False)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device())

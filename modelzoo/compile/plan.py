@@ -15,7 +15,7 @@ Memory model (bytes per chip; assumptions stated so they can be checked and chan
 - activations (no recompute), per layer, from Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models") for 16-bit activations with t-way TP:
   ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` bytes, scaled by dtype size / 2; plus the fp32 logits and
-  their gradient ``2*b*s*V*4``. With ``training.activation_checkpointing`` only each layer's
+  their gradient ``2*b*s*V*4``. With ``training.recompute=full`` only each layer's
   input (``s*b*h`` values) is kept, plus one layer's activations during its recompute.
 
 Per-chip capacity assumptions (``samba_compile.chip_memory_gib`` overrides them):
@@ -62,7 +62,8 @@ def recompile_settings(cfg: RunConfig, arch_fields: dict[str, Any]) -> dict[str,
         "max_seq_length": cfg.training.max_seq_length,
         "samba_compile": {k: v for k, v in config_to_dict(cfg.samba_compile).items() if k != "output_folder"},
         "fsdp": cfg.training.fsdp,
-        "activation_checkpointing": cfg.training.activation_checkpointing,
+        "recompute": cfg.training.recompute,
+        "mixed_precision": cfg.training.mixed_precision,
     }
 
 
@@ -80,7 +81,7 @@ def _activation_bytes(cfg: RunConfig, config, n_chips: int) -> int:
     scale = DTYPE_BYTES[cfg.model.dtype] / 2
     per_layer = s * b * h * (10 + 24 / n_chips + 5 * a * s / (h * n_chips)) * scale
     logits = 2 * b * s * vocab * 4
-    if cfg.training.activation_checkpointing:  # keep layer inputs; recompute one layer at a time
+    if cfg.training.recompute != "none":  # keep layer inputs; recompute one layer at a time
         return int(layers * s * b * h * 2 * scale + per_layer + logits)
     return int(layers * per_layer + logits)
 
@@ -150,8 +151,8 @@ def _advice(cfg: RunConfig, memory: dict[str, int], layout) -> str:
         if not cfg.training.fsdp and cfg.data_parallel.world_size > 1:
             tips.append("set training.fsdp=true to shard grads and optimizer state over data parallel")
     else:
-        if not cfg.training.activation_checkpointing:
-            tips.append("set training.activation_checkpointing=true to recompute activations")
+        if cfg.training.recompute != "full":
+            tips.append("set training.recompute=full to recompute activations in the backward")
         tips.append(f"lower training.batch_size (now {cfg.training.batch_size}) and raise "
                     "training.grad_accum_steps, or shorten training.max_seq_length")
         tips.append(f"raise samba_compile.n_chips (now {layout.n_chips})")

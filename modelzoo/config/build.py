@@ -55,8 +55,18 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+#: Keys an earlier release had, with the key (and values) replacing them.
+RENAMED_KEYS = {
+    "training.activation_checkpointing": "training.recompute (none|selective|full; "
+                                         "activation_checkpointing=true is recompute=full)",
+}
+
+
 def _suggest(cls: type, prefix: str, name: str, root: type) -> str:
-    """The nearest key in the same section, else the nearest same-named key in another section."""
+    """The key that replaced a renamed one, else the nearest key in the same section, else the
+    nearest same-named key in another section."""
+    if _join(prefix, name) in RENAMED_KEYS:
+        return f"; it was renamed: use {RENAMED_KEYS[_join(prefix, name)]}"
     siblings = [f.name for f in dataclasses.fields(cls)]
     close = nearest(name, siblings, n=1)
     if close:

@@ -28,6 +28,10 @@ def check_config(cfg: RunConfig | GenerationRunConfig) -> None:
         if training.min_learning_rate > training.learning_rate:
             raise ConfigError(f"training.min_learning_rate={training.min_learning_rate} exceeds "
                               f"training.learning_rate={training.learning_rate}", key="training.min_learning_rate")
+        if training.mixed_precision != "none" and not (training.fsdp and cfg.data_parallel.world_size > 1):
+            raise ConfigError(f"training.mixed_precision={training.mixed_precision} is FSDP's mixed-precision "
+                              "policy; set training.fsdp=true (with data_parallel.world_size > 1), or "
+                              "model.dtype for one precision throughout", key="training.mixed_precision")
         patches = cfg.model.patches
         if cfg.command == "run" and patches is not None and "weighted_loss" not in patches:
             raise ConfigError(

@@ -123,9 +123,14 @@ class TrainingConfig:
     deterministic: bool = False
     """Use deterministic kernels (slower; bitwise-reproducible runs)."""
     fsdp: bool = False
-    """Shard parameters and optimizer state across data-parallel ranks (FSDP) instead of DDP."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+    """Shard parameters, gradients and optimizer state across data-parallel ranks (FSDP2; with
+    ``samba_compile.n_chips > 1`` on the 2-D (dp, tp) mesh) instead of replicating them (DDP)."""
+    mixed_precision: Literal["none", "bfloat16"] = "none"
+    """With ``fsdp``: compute with bf16 copies of the parameters and reduce gradients in fp32 (the
+    sharded parameters and optimizer state stay in ``model.dtype``)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute per decoder block in backward: ``full`` every block (keeps only each
+    block's input; ~1/3 more compute), ``selective`` every second block (half of both)."""
     output_dir: str = "runs"
     """Directory for logs, metrics and the config snapshot."""
 
@@ -172,6 +177,10 @@ class SambaCompileConfig:
     """Tiles per chip the compiler may use."""
     early_tp: bool = False
     """Apply the tensor-parallel split before graph optimization."""
+    sequence_parallel: bool = False
+    """With ``n_chips > 1``: shard the residual stream and the RMSNorms on the sequence dimension
+    between the tensor-parallel blocks (activation memory outside the blocks / n_chips; all-gather
+    + reduce-scatter instead of all-reduce). Training only."""
     output_folder: str = "runs/compile"
     """Where the compile plan is written (and read back at run time)."""
     chip_memory_gib: float | None = bounded(None, gt=0)

@@ -64,6 +64,18 @@ def _setup_dist(cfg: RunConfig, device_type: str) -> Dist:
     return Dist(rank, world, rank // n_chips, dp, n_chips, mesh)
 
 
+def _backend(cfg: RunConfig):
+    """The run's backend; under several processes on GPUs, each on its own (LOCAL_RANK) device."""
+    from modelzoo.backends import get_backend
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.backend == "cuda":
+        return get_backend("cuda", index=local)
+    if cfg.backend == "inductor" and torch.cuda.is_available():
+        return get_backend("inductor", device=f"cuda:{local}")
+    return get_backend(cfg.backend)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -94,7 +106,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, stop_after: int | None = None, quiet: bool = False) -> None:
         self.cfg, self.t = cfg, cfg.training
         self.stop_after, self.quiet = stop_after, quiet  # stop_after: simulate a crash (tests)
-        self.device = torch.device("cuda" if cfg.backend == "cuda" else "cpu")
+        self.backend = _backend(cfg)
+        self.device = self.backend.device()
         if self.t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.dist = _setup_dist(cfg, self.device.type)
@@ -118,7 +131,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> None:
         from modelzoo.models.llama import from_pretrained
-        from modelzoo.models.llama.parallelize import parallelize_llama
+        from modelzoo.models.llama.parallelize import TrainingParallelism, parallelize_for_training
         from modelzoo.models.llama.patch_llama import ENV_VAR
 
         mcfg, load = self.cfg.model, self.cfg.checkpoint.load_path
@@ -140,34 +153,17 @@ class Trainer:
         self.hf_config = self.model._modelzoo_state["config"]  # the unpatched config, for saving
         check_sequence_length(self.t.max_seq_length, self.hf_config, self.t.allow_long_sequences, source)
         self.model.train()
-        if self.t.activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.dist.tp_world > 1:
-            parallelize_llama(self.model, self.dist.mesh["tp"], training=True)
-        self.grad_scale = 1.0
-        if self.t.fsdp and self.dist.dp_world > 1:
-            self._apply_fsdp()
-            self.grad_scale = float(self.dist.dp_world)
+        settings = TrainingParallelism(sequence_parallel=self.cfg.samba_compile.sequence_parallel,
+                                       recompute=self.t.recompute, fsdp=self.t.fsdp,
+                                       mixed_precision=self.t.mixed_precision)
+        self.parallelism = parallelize_for_training(self.model, self.dist.mesh, settings, backend=self.backend)
+        # FSDP and replicate average gradients over DP; the loss is normalised by the global weight
+        # sum, so each rank's loss is scaled by the DP size to make that average a sum (gloo has no
+        # reduce-scatter with a divide factor of 1).
+        self.grad_scale = float(self.dist.dp_world)
         self.forward = self.model
-        if self.cfg.backend == "inductor":
-            # The decoder body is compiled in place (same module, same state_dict keys); the LM head
-            # and loss stay eager so they run only at targets of nonzero weight (data-dependent count).
-            self.model.model.compile(dynamic=False)
         # Read now, kept in memory: the source (e.g. the checkpoint resumed from) may be pruned later.
         self.tokenizer_files = read_tokenizer_files(self._tokenizer_dir(source))
-
-    def _apply_fsdp(self) -> None:
-        """Shard parameters, grads and optimizer state over the DP group (FSDP2, per decoder layer).
-
-        FSDP averages gradients over the DP group; the loss is already normalised by the global
-        weight sum, so each rank's loss is scaled by the DP size to make that average a sum
-        (gloo has no pre-multiplied reduce-scatter for a divide factor of 1)."""
-        from torch.distributed.fsdp import fully_shard
-
-        dp_mesh = self.dist.mesh["dp"]
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
 
     def _tokenizer_dir(self, source: str) -> Path | None:
         for candidate in (Path(source), Path(self.t.dataset_dir or "") / "tokenizer"):
@@ -193,18 +189,20 @@ class Trainer:
         return [{k: v.to(self.device) for k, v in self.loader.next_batch().items()}
                 for _ in range(self.t.grad_accum_steps)]
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step. Loss and gradient norm come back as tensors: reading them (``.item()``)
+        waits for the device, which :meth:`fit` does only on log steps."""
         batches = self._micro_batches()
         weight_sum = sum(loss_weights_from_token_types(b["token_type_ids"], self.t.prompt_loss_weight).sum()
                          for b in batches)
         weight_sum = _all_reduce(weight_sum.clone(), self.dist.dp_group()).clamp_min(1e-12)
         loss_sum = torch.zeros((), device=self.device)
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            self._gradient_sync(last=index == len(batches) - 1)
             out = self.forward(**batch, return_logits=False)
             local = (out.token_loss * out.loss_weight).sum()
             (local * self.grad_scale / weight_sum).backward()
             loss_sum += local.detach()
-        self._sync_grads()
         grad_norm = self._clip_grads()
         lr = lr_at(self.step, self.t, self.total_steps)
         set_lr(self.optimizer, lr)
@@ -213,32 +211,38 @@ class Trainer:
         self.step += 1
         loss = _all_reduce(loss_sum, self.dist.dp_group()) / weight_sum
         tokens = sum(b["input_ids"].numel() for b in batches) * self.dist.dp_world
-        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
-    def _sync_grads(self) -> None:
-        """Sum gradients over the DP group (the loss is already divided by the global weight sum);
-        under FSDP the reduce-scatter in backward has done it."""
-        group = self.dist.dp_group()
-        if group is None or self.dist.dp_world == 1 or self.t.fsdp:
-            return
-        for param in self.model.parameters():
-            if param.grad is not None:
-                dist.all_reduce(_local(param.grad), group=group)
+    def _gradient_sync(self, last: bool) -> None:
+        """Under replicate (DDP) all-reduce gradients only after the last micro-batch of a step
+        (they accumulate locally until then); FSDP reduce-scatters every micro-batch (keeping
+        unsharded gradients would cost the memory FSDP saves)."""
+        if self.parallelism.get("data_parallel") == "replicate" and self.t.grad_accum_steps > 1:
+            self.model.set_requires_gradient_sync(last)
 
-    def _clip_grads(self) -> float:
-        """Global L2 gradient norm, then clip. A DTensor grad (TP- and/or FSDP-sharded) contributes
-        its full norm (DTensor reduces over the mesh); a plain (replicated) grad its local norm."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        squares = []
-        for grad in grads:
-            norm = grad.detach().double().norm()
-            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
-        total = math.sqrt(torch.stack(squares).sum().item()) if squares else 0.0
-        clip = self.t.clip_grad_norm
-        if clip is not None and total > clip:
-            scale = clip / (total + 1e-6)
-            for grad in grads:
-                _local(grad).mul_(scale)
+    def _clip_grads(self) -> torch.Tensor:
+        """The global L2 gradient norm (a 0-dim tensor), after clipping to ``training.clip_grad_norm``.
+
+        ``torch.nn.utils`` computes each group's norm; a DTensor gradient (TP- and/or DP-sharded)
+        contributes its full norm. Gradients are grouped by device mesh, since DTensors on different
+        meshes cannot meet in one op: under DP x TP the TP-sharded ones live on the 2-D mesh and the
+        others on the DP mesh; under TP alone some are plain tensors (the replicated embedding,
+        identical on every TP rank). The group norms combine as ``sqrt(sum(n_i^2))``."""
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        groups: dict[Any, list[torch.nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        norms = [torch.zeros((), device=self.device)] if not groups else []
+        with implicit_replication():
+            for group in groups.values():
+                norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+                norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+            total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+            if self.t.clip_grad_norm is not None:  # one scale for all, applied group by group
+                for group in groups.values():
+                    torch.nn.utils.clip_grads_with_norm_(group, self.t.clip_grad_norm, total)
         return total
 
     # ------------------------------------------------------------------ eval / checkpoints
@@ -343,6 +347,7 @@ class Trainer:
             bar.update(1)
             record: dict[str, Any] = {}
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 record = {"step": self.step, **metrics, "tokens_per_s": tps,
