@@ -164,8 +164,8 @@ def test_two_node_torchrun_matches_single_launch(tmp_path, data, layout, rdzv):
 
     assert (nodes / "ck" / "latest").read_text().strip() == FINAL
     ref, new = single / "ck" / FINAL, nodes / "ck" / FINAL
-    assert sorted(p.name for p in (new / "training_state").iterdir()) == \
-        sorted(p.name for p in (ref / "training_state").iterdir())  # one state file per rank, as in the single launch
+    for sub in ("training_state", "training_state/dcp"):  # one DCP file per rank, as in the single launch
+        assert sorted(p.name for p in (new / sub).iterdir()) == sorted(p.name for p in (ref / sub).iterdir())
     a, b = load_file(ref / "model.safetensors"), load_file(new / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:

@@ -13,6 +13,7 @@ from synthetic_data import SAMPLE_TOKENIZER, write_dataset
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
+from modelzoo.checkpoint import hf_weights as ckpt_errors
 from modelzoo.cli.train import main as train_main
 from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, write_plan
 from modelzoo.config import ConfigError, load_config, shipped_configs
@@ -117,6 +118,15 @@ def _dist_worker(rank, world_size, tmp, data, extra):
         torch.save({"losses": torch.tensor(_losses(result["history"]), dtype=torch.float64)}, f"{tmp}/losses.pt")
 
 
+def _resume_worker(rank, world_size, tmp, data, extra):
+    cfg = _cfg(Path(tmp), Path(data), **extra)
+    result = Trainer(cfg, quiet=True).fit()
+    if rank == 0:
+        steps = [r["step"] for r in result["history"] if "loss" in r]
+        torch.save({"losses": torch.tensor(_losses(result["history"]), dtype=torch.float64),
+                    "steps": torch.tensor(steps)}, f"{tmp}/losses.pt")
+
+
 def _distributed_losses(tmp, data, nprocs, extra):
     spawn_cpu(_dist_worker, nprocs, str(tmp), str(data), extra)
     return torch.load(Path(tmp) / "losses.pt", weights_only=True)["losses"]
@@ -162,6 +172,65 @@ def test_fsdp_bfloat16_mixed_precision_tracks_fp32(tmp_path, data):
     assert_close(bf16, fp32, atol=3e-2, rtol=0)
     weights = _load_hf(tmp_path / "bf16" / "ck" / "step_00000005")
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def _checkpoint_at(src: Path, dst: Path, step: int) -> None:
+    """A copy of run ``src``'s checkpoints as they stood after ``step`` (``latest`` -> step)."""
+    import shutil
+
+    shutil.copytree(src / "ck", dst / "ck")
+    for later in (dst / "ck").glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    (dst / "ck" / "latest").write_text(f"step_{step:08d}\n")
+
+
+def test_dcp_checkpoint_resumes_at_another_layout(tmp_path, data):
+    """Saved at TP2 x DP2 after 3 steps, resumed at TP1 x DP4 and at TP4 x DP1 (the same global batch
+    of 8): steps 4-6 give the losses of the uninterrupted TP2 x DP2 run, and the optimizer state and
+    data position carried over (a fresh optimizer or a restarted epoch would change them)."""
+    layouts = {"tp2dp2": (2, 2, 4), "tp1dp4": (1, 4, 2), "tp4dp1": (4, 1, 8)}  # n_chips, world_size, batch
+
+    def extra(name, **more):
+        n_chips, world, batch = layouts[name]
+        return {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips,
+                "data_parallel.world_size": world, "training.batch_size": batch, "training.max_steps": 6,
+                "checkpoint.save_every": 3, "checkpoint.keep_last": 0, **more}
+
+    spawn_cpu(_resume_worker, 4, str(tmp_path / "full"), str(data), extra("tp2dp2"))
+    full = torch.load(tmp_path / "full" / "losses.pt", weights_only=True)
+    state = json.loads((tmp_path / "full" / "ck" / "step_00000003" / "training_state" / "trainer_state.json").read_text())
+    assert state["data"] == {"epoch": 0, "samples_in_epoch": 24, "global_micro_batch": 8}
+    assert (tmp_path / "full" / "ck" / "step_00000003" / "training_state" / "dcp" / ".metadata").is_file()
+    for name in ("tp1dp4", "tp4dp1"):
+        _checkpoint_at(tmp_path / "full", tmp_path / name, 3)
+        spawn_cpu(_resume_worker, 4, str(tmp_path / name), str(data), extra(name, **{"checkpoint.resume": True}))
+        resumed = torch.load(tmp_path / name / "losses.pt", weights_only=True)
+        assert resumed["steps"].tolist() == [4, 5, 6]
+        assert_close(resumed["losses"], full["losses"][3:], atol=1e-5, rtol=0, msg=name)
+        ref, got = _load_hf(tmp_path / "full" / "ck" / "step_00000006"), _load_hf(tmp_path / name / "ck" / "step_00000006")
+        for key in ref:
+            assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
+    # a layout whose micro-batch does not divide the saved position is refused, naming both
+    _checkpoint_at(tmp_path / "full", tmp_path / "odd", 3)
+    cfg = _cfg(tmp_path / "odd", data, **{"training.batch_size": 5, "checkpoint.resume": True, "training.max_steps": 6})
+    with pytest.raises(ckpt_errors.CheckpointError, match=r"24 samples into epoch 0.*batch_size 5.*saved one \(8\)"):
+        Trainer(cfg, quiet=True)
+
+
+def test_old_per_rank_checkpoint_is_refused_with_the_way_out(tmp_path, data):
+    """A checkpoint in the per-rank format of earlier versions (training_state/rank_*.pt) is refused
+    on resume, naming the format and the way on (its HF dir as checkpoint.load_path)."""
+    import shutil
+
+    Trainer(_cfg(tmp_path, data, **{"training.max_steps": 2, "checkpoint.save_every": 2}), quiet=True).fit()
+    state_dir = tmp_path / "ck" / "step_00000002" / "training_state"
+    shutil.rmtree(state_dir / "dcp")
+    torch.save({"optimizer": {}}, state_dir / "rank_00000.pt")
+    cfg = _cfg(tmp_path, data, **{"training.max_steps": 4, "checkpoint.resume": True})
+    with pytest.raises(ckpt_errors.CheckpointError, match=r"per-rank training state \(rank_00000.pt.*"
+                       r"checkpoint.load_path=.*step_00000002"):
+        Trainer(cfg, quiet=True)
 
 
 @pytest.mark.parametrize(("n_chips", "world_size"), [(1, 1), (1, 2), (2, 1)])

@@ -26,7 +26,7 @@ SAVE_EVERY, EVAL_EVERY = 2, 3
 #: A killed run gets at most this far past its last checkpoint (the next eval, save or prune).
 MOST_STEPS_PER_KILL = 3
 #: Points inside one save, in the order a save reaches them (see tests/helpers/train_faults.py).
-SAVE_POINTS = ["hf_shard:before", "write_hf_dir:after", "rank_state:after", "marker:after", "publish:before",
+SAVE_POINTS = ["hf_shard:before", "write_hf_dir:after", "training_state:after", "marker:after", "publish:before",
                "publish:after", "latest:after", "prune:before", "prune:after"]
 #: layout -> (processes, overrides, how many save points its chain kills at)
 LAYOUTS = {
@@ -65,7 +65,7 @@ def kill_plan(seed: int, world: int, save_points: list[str], full: bool) -> list
     rng.shuffle(middle)
     plan = [{"at": "train_step:after", "nth": 1}] + middle  # the first: before the first save (step 2)
     for kill in plan:  # rank 0 alone writes the HF dir and publishes; every rank trains and writes its state
-        everywhere = kill["at"].split(":")[0] in ("train_step", "rank_state", "eval_batch", "evaluate")
+        everywhere = kill["at"].split(":")[0] in ("train_step", "training_state", "eval_batch", "evaluate")
         kill["rank"] = rng.randrange(world) if everywhere else 0
     return plan
 
@@ -89,12 +89,39 @@ def _drive(tmp: Path, data: Path, world: int, extra: dict, max_steps: int, runs:
 IGNORED = {"training_state/config.yaml", ".modelzoo-scratch.json"}  # run paths; an owner file mid-replace
 
 
+def _dcp_contents(folder: Path, scratch: Path) -> dict:
+    """Everything a DCP checkpoint holds, as one state dict (via a temporary torch.save file)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch)
+    try:
+        return torch.load(scratch, weights_only=True)
+    finally:
+        scratch.unlink()
+
+
+def _same(a, b) -> bool:
+    """Equal nested state (dicts, lists, tensors bit for bit, plain values)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
 def _assert_same_checkpoint(got: Path, want: Path) -> None:
     files = {p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()} - IGNORED
     expected = {p.relative_to(want).as_posix() for p in want.rglob("*") if p.is_file()} - IGNORED
     assert files == expected, f"{got}: files differ from the uninterrupted run's"
     for rel in sorted(files):
-        if rel.endswith(".pt"):  # torch.save embeds a random serialization id: compare the contents
+        if rel.startswith("training_state/dcp/"):  # .metadata pickles run paths: compare the contents
+            if rel.endswith(".metadata"):
+                a, b = (_dcp_contents(root / "training_state" / "dcp", got / f"{name}.pt")
+                        for root, name in ((got, ".got-dcp"), (want, ".want-dcp")))
+                assert _same(a, b), f"{got / 'training_state' / 'dcp'} differs"
+        elif rel.endswith(".pt"):  # torch.save embeds a random serialization id: compare the contents
             a = torch.load(got / rel, weights_only=True)
             b = torch.load(want / rel, weights_only=True)
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, rel=rel: f"{got / rel}: {m}")

@@ -5,9 +5,12 @@ Layout of ``checkpoint.save_dir``::
     step_00000100/            HF model dir (config.json, generation_config.json, safetensors,
                               tokenizer files) that transformers opens unchanged, plus
       training_state/
-        trainer_state.json    step, data position, schedule, layout, RNG of rank 0 (readable)
-        rank_00000.pt         per-rank optimizer state (local shards) and RNG (tensors only:
-                              loads with weights_only=True)
+        trainer_state.json    step, data position (samples consumed), schedule, layout, Python
+                              RNG (readable)
+        dcp/                  optimizer state and torch RNG, written by every rank with
+                              torch.distributed.checkpoint (.metadata + __R_0.distcp): keyed by
+                              parameter name and stored as global tensors, so a run saved at one
+                              layout (TP x DP, FSDP or not) resumes at another
         config.yaml           the resolved run config
     latest                    name of the newest complete checkpoint
 
@@ -22,8 +25,10 @@ replaced or deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ from .atomic import (
 from .hf_weights import CheckpointError
 
 STATE_DIR = "training_state"
+DCP_DIR = "dcp"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 KIND = "training-checkpoint"
@@ -54,23 +60,13 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
+def python_rng_state() -> list[int]:
+    """Python's Mersenne-Twister state (JSON-ready; the torch RNG is saved with DCP)."""
+    return list(random.getstate()[1])
 
 
-def rng_state() -> dict[str, Any]:
-    """Torch (CPU, CUDA) and Python RNG states, as tensors and lists (weights_only-loadable)."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_python_rng_state(state: list[int]) -> None:
+    random.setstate((3, tuple(state), None))
 
 
 def list_checkpoints(save_dir: str | Path) -> list[Path]:
@@ -183,9 +179,84 @@ def _prune(save_dir: Path, keep_last: int) -> None:
             remove_tree(old)
 
 
-def write_rank_state(directory: Path, rank: int, optimizer_state: dict, extra: dict[str, Any]) -> None:
-    (directory / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    torch.save({"optimizer": optimizer_state, "rng": rng_state(), **extra}, directory / STATE_DIR / rank_file(rank))
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes' a single process when there is no process group: we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process", category=UserWarning)
+        yield
+
+
+def _optimizer_state(optimizer, names: dict[int, str]) -> dict[str, dict[str, Any]]:
+    """The optimizer's per-parameter state keyed by parameter name: the same keys at any layout
+    (the tensors are DTensors under TP/FSDP/replicate, whose global shapes DCP stores)."""
+    return {names[id(p)]: optimizer.state[p] for group in optimizer.param_groups for p in group["params"]
+            if p in optimizer.state}
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Materialise the optimizer's state (a step on zero gradients at lr 0; AdamW then leaves
+    every parameter unchanged) so that DCP has tensors of the right layout to load into."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def write_training_state(directory: Path, optimizer, names: dict[int, str]) -> None:
+    """All ranks: the optimizer state and torch RNG into ``training_state/dcp/`` with
+    ``torch.distributed.checkpoint`` (a collective under several processes).
+
+    The optimizer state is keyed by parameter name (``names``: ``id(param)`` -> name, as
+    ``named_parameters`` gives them) and every DTensor is stored as its global tensor in pieces, so
+    a later run loads it into any other layout (TP x DP, FSDP or not). The RNG is rank 0's (every
+    rank holds the same: one seed, no dropout)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"optimizer": _optimizer_state(optimizer, names), "rng": {"torch": torch.get_rng_state()}}
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(directory / STATE_DIR / DCP_DIR), no_dist=not _distributed())
+
+
+def read_training_state(checkpoint: Path, optimizer, names: dict[int, str]) -> None:
+    """All ranks: load ``training_state/dcp/`` into ``optimizer``'s state in place (resharded to
+    this run's layout) and restore the torch RNG. Raises CheckpointError for a checkpoint without
+    it (naming the old per-rank format when that is what it holds) or one DCP cannot read."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = checkpoint / STATE_DIR / DCP_DIR
+    if not (folder / ".metadata").is_file():
+        legacy = sorted((checkpoint / STATE_DIR).glob("rank_*.pt"))
+        if legacy:
+            raise CheckpointError(
+                f"{checkpoint / STATE_DIR} holds per-rank training state ({legacy[0].name}, ...), the format of "
+                "earlier modelzoo versions, which this version does not resume; its HF model dir is intact: "
+                f"start a new run from it with checkpoint.load_path={checkpoint} (the optimizer state starts "
+                "afresh), or finish the run with the version that wrote it")
+        raise CheckpointError(f"{folder}/.metadata is missing: the checkpoint's training state is incomplete; "
+                              "resume from another checkpoint (point 'latest' at it) or start a new run")
+    _init_optimizer_state(optimizer)
+    state = {"optimizer": _optimizer_state(optimizer, names), "rng": {"torch": torch.get_rng_state()}}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not _distributed())
+    except Exception as err:  # DCP wraps each rank's failure (CheckpointException, RuntimeError, ...)
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{folder}: cannot load the training state ({last}); the files may be damaged "
+                              "or from another model; resume from another checkpoint") from err
+    torch.set_rng_state(state["rng"]["torch"])
 
 
 def write_trainer_state(directory: Path, state: dict[str, Any], config_yaml: str) -> None:
@@ -200,11 +271,3 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable training state ({err}); resume from another checkpoint") from err
-
-
-def read_rank_state(checkpoint: Path, rank: int) -> dict[str, Any]:
-    path = checkpoint / STATE_DIR / rank_file(rank)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint was written by a different process layout "
-                              "or is incomplete; resume with the same n_chips x world_size")
-    return torch.load(path, map_location="cpu", weights_only=True)

@@ -76,10 +76,6 @@ def _backend(cfg: RunConfig):
     return get_backend(cfg.backend)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(t, group=group)
@@ -120,6 +116,8 @@ class Trainer:
         random.seed(self.t.seed)  # saved with each checkpoint: the same run saves the same state
         self._build_model()
         self._build_data()
+        # parameter names for the optimizer state, as the optimizer holds them (after parallelizing)
+        self.param_names = {id(p): name for name, p in self.model.named_parameters()}
         self.optimizer = build_optimizer(self.model, self.t, foreach=False if self.dist.tp_world > 1 else None)
         self.total_steps = self._total_steps()
         self.step = 0
@@ -262,46 +260,60 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
     def save(self) -> Path | None:
-        """Write checkpoint ``step_{step}`` (all ranks call this; rank 0 writes the HF dir)."""
+        """Write checkpoint ``step_{step}`` (all ranks call this; rank 0 writes the HF dir and the
+        trainer state, every rank its part of the DCP training state)."""
         save_dir = Path(self.cfg.checkpoint.save_dir)
         tmp = self._on_main(lambda: ckpt.begin(save_dir, self.step))
         state = full_state(self.model)  # collective under TP
         if self.dist.is_main:
             write_hf_dir(tmp, self.hf_config, state, generation_config=self.model.generation_config,
                          tokenizer_files=self.tokenizer_files)
+            position = self.loader.state_dict()
             ckpt.write_trainer_state(tmp, {
-                "step": self.step, "total_steps": self.total_steps, "loader": self.loader.state_dict(),
-                "layout": {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world},
+                "step": self.step, "total_steps": self.total_steps, "loader": position,
+                "data": {"epoch": position["epoch"], "samples_in_epoch": self._samples_in_epoch(position),
+                         "global_micro_batch": self.t.batch_size * self.dist.dp_world},
+                "layout": {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world,
+                           "fsdp": self.t.fsdp},
+                "python_rng": ckpt.python_rng_state(), "format": "dcp",
             }, dump_yaml(self.cfg))
         self._barrier()
-        optim_state = {k: (v if k != "state" else {i: {n: _local(t).clone() if torch.is_tensor(t) else t
-                                                        for n, t in s.items()} for i, s in v.items()})
-                       for k, v in self.optimizer.state_dict().items()}
-        ckpt.write_rank_state(tmp, self.dist.rank, optim_state, {"loader": self.loader.state_dict()})
+        ckpt.write_training_state(tmp, self.optimizer, self.param_names)  # collective
         self._barrier()
         return self._on_main(lambda: ckpt.finalize(save_dir, self.step, tmp, self.cfg.checkpoint.keep_last))
 
+    def _samples_in_epoch(self, position: dict[str, int]) -> int:
+        """Global samples the loader has consumed in its epoch (every DP rank together)."""
+        return position["micro_step"] * self.t.batch_size * self.dist.dp_world
+
+    def _resume_position(self, trainer_state: dict[str, Any], latest: Path) -> dict[str, int]:
+        """The loader position of this run's layout for the saved one: the same number of global
+        samples consumed in the same epoch (the sampler's order does not depend on the layout)."""
+        data = trainer_state["data"]
+        global_micro_batch = self.t.batch_size * self.dist.dp_world
+        micro_step, rest = divmod(int(data["samples_in_epoch"]), global_micro_batch)
+        if rest:
+            raise ckpt.CheckpointError(
+                f"{latest} stopped {data['samples_in_epoch']} samples into epoch {data['epoch']}, which is not a "
+                f"whole number of this run's micro-batches (training.batch_size {self.t.batch_size} x "
+                f"data_parallel.world_size {self.dist.dp_world} = {global_micro_batch}); resume with a global "
+                f"micro-batch that divides it, e.g. the saved one ({data['global_micro_batch']})")
+        return {"epoch": int(data["epoch"]), "micro_step": micro_step}
+
     def _resume(self) -> None:
+        """Optimizer state, RNG and data position from ``latest``, whatever layout wrote it (the
+        weights were loaded from its HF dir in :meth:`_build_model`)."""
         latest = ckpt.latest_checkpoint(self.cfg.checkpoint.save_dir)
         trainer_state = ckpt.read_trainer_state(latest)
-        layout = trainer_state["layout"]
-        if layout != {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world}:
-            raise ckpt.CheckpointError(f"{latest} was written with n_chips={layout['n_chips']} x world_size="
-                                       f"{layout['world_size']}; resume with the same layout")
-        rank_state = ckpt.read_rank_state(latest, self.dist.rank)
-        saved = rank_state["optimizer"]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        for index, state in saved["state"].items():
-            param = params[int(index)]
-            for key, value in state.items():
-                if torch.is_tensor(value) and isinstance(param, DTensor) and value.dim() > 0:
-                    state[key] = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False)
-        self.optimizer.load_state_dict(saved)
-        self.loader.load_state_dict(rank_state["loader"])
-        ckpt.set_rng_state(rank_state["rng"])
+        ckpt.read_training_state(latest, self.optimizer, self.param_names)  # collective; refuses the old format
+        self.loader.load_state_dict(self._resume_position(trainer_state, latest))
+        ckpt.set_python_rng_state(trainer_state["python_rng"])
         self.step = int(trainer_state["step"])
+        saved = trainer_state["layout"]
         if self.dist.is_main and not self.quiet:
-            print(f"resumed from {latest} at step {self.step}", file=sys.stderr)
+            print(f"resumed from {latest} at step {self.step} (saved at n_chips={saved['n_chips']} x "
+                  f"world_size={saved['world_size']}, now {self.dist.tp_world} x {self.dist.dp_world})",
+                  file=sys.stderr)
 
     def _barrier(self) -> None:
         if self.dist.world > 1:

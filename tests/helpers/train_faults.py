@@ -43,7 +43,7 @@ POINTS = {
     "evaluate": "modelzoo.training.trainer:Trainer.evaluate",
     "hf_shard": "modelzoo.checkpoint.hf_save:save_file",  # the weights, inside the scratch dir
     "write_hf_dir": "modelzoo.training.trainer:write_hf_dir",
-    "rank_state": "modelzoo.checkpoint.manager:write_rank_state",
+    "training_state": "modelzoo.checkpoint.manager:write_training_state",
     "marker": "modelzoo.checkpoint.atomic:write_output_marker",
     "publish": "modelzoo.checkpoint.atomic:publish",
     "latest": "modelzoo.checkpoint.manager:replace_file",  # moves ``latest`` (after it: before pruning)
