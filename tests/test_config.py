@@ -147,6 +147,26 @@ def test_unknown_key_via_override():
     assert err.key == "training.lerning_rate" and err.line is None
 
 
+def test_renamed_key_names_its_replacement():
+    err = raises_config_error("llama_tiny", ["training.activation_checkpointing=true"])
+    assert "training.recompute" in str(err) and "recompute=full" in str(err)
+
+
+@pytest.mark.parametrize(("override", "key", "words"), [
+    (["training.mixed_precision=bfloat16"], "training.mixed_precision", "training.fsdp=true"),
+    (["training.mixed_precision=bfloat16", "training.fsdp=true"], "training.mixed_precision", "world_size > 1"),
+    (["samba_compile.sequence_parallel=true"], "samba_compile.sequence_parallel", "raise n_chips"),
+])
+def test_parallelism_settings_that_cannot_apply_are_refused(override, key, words):
+    err = raises_config_error("llama_tiny", override)
+    assert err.key == key and words in str(err)
+
+
+def test_recompute_lists_its_modes():
+    err = raises_config_error("llama_tiny", ["training.recompute=some"])
+    assert all(mode in str(err) for mode in ("none", "selective", "full"))
+
+
 def test_key_in_wrong_section_suggests_the_right_one():
     err = raises_config_error(None, ["training.n_chips=2"])
     assert "did you mean 'samba_compile.n_chips'" in str(err)

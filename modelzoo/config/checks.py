@@ -24,6 +24,10 @@ def check_config(cfg: RunConfig | GenerationRunConfig) -> None:
         if cfg.data_parallel.world_size < 1:
             raise ConfigError(f"data_parallel.world_size must be >= 1, got {cfg.data_parallel.world_size}",
                               key="data_parallel.world_size")
+        if samba.sequence_parallel and samba.n_chips == 1:
+            raise ConfigError("samba_compile.sequence_parallel=true shards the sequence over the tensor-parallel "
+                              "chips, but samba_compile.n_chips is 1; raise n_chips or drop sequence_parallel",
+                              key="samba_compile.sequence_parallel")
         training = cfg.training
         if training.min_learning_rate > training.learning_rate:
             raise ConfigError(f"training.min_learning_rate={training.min_learning_rate} exceeds "
