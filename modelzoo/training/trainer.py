@@ -56,8 +56,10 @@ def _setup_dist(cfg: RunConfig, device_type: str) -> Dist:
     n_chips, dp = cfg.samba_compile.n_chips, cfg.data_parallel.world_size
     rank, world = init_distributed(device_type)
     if world != n_chips * dp:
-        raise RuntimeError(f"{world} processes were launched but the config needs samba_compile.n_chips "
-                           f"({n_chips}) x data_parallel.world_size ({dp}) = {n_chips * dp}")
+        raise ConfigError(f"{world} processes were launched but the config needs samba_compile.n_chips "
+                          f"({n_chips}) x data_parallel.world_size ({dp}) = {n_chips * dp}; launch that many "
+                          "(torchrun --nproc-per-node x --nnodes) or change the two keys",
+                          key="data_parallel.world_size")
     if world == 1:
         return Dist()
     mesh = build_mesh(n_chips, dp, device_type)
