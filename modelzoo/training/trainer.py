@@ -199,7 +199,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
             self._gradient_sync(last=index == len(batches) - 1)
-            out = self.forward(**batch, return_logits=False)
+            out = self.forward(**batch, return_logits=False, use_cache=False)
             local = (out.token_loss * out.loss_weight).sum()
             (local * self.grad_scale / weight_sum).backward()
             loss_sum += local.detach()
@@ -254,7 +254,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         weight_sum = torch.zeros((), device=self.device)
         for batch in self.dev_loader.epoch_batches():
-            out = self.forward(**{k: v.to(self.device) for k, v in batch.items()}, return_logits=False)
+            out = self.forward(**{k: v.to(self.device) for k, v in batch.items()}, return_logits=False, use_cache=False)
             loss_sum += (out.token_loss * out.loss_weight).sum()
             weight_sum += out.loss_weight.sum()
         self.model.train()
