@@ -5,18 +5,33 @@ layout to every parameter's shape, estimates per-chip bytes and writes ``compile
 ``samba_compile.output_folder``. ``command=run`` reads it back and refuses to run when a setting
 that changes the compiled graph differs (``recompile_settings``).
 
-Memory model (bytes per chip; assumptions stated so they can be checked and changed):
+Memory model (bytes per chip), for the trainer's eager step (``modelzoo.training``); each term
+was counted from what the ops keep for backward and is held against a measured peak by
+``benchmarks/bench_memory.py`` (``modelzoo.training.memory``) and ``tests/test_memory_plan.py``:
 
-- weights: parameters on the chip x dtype size;
-- grads: same as weights;
-- optimizer: AdamW's two fp32 moments (8 B/param) plus an fp32 master copy when the model dtype
-  is not fp32 (4 B/param); with ``training.fsdp`` grads and optimizer state are divided by
-  ``data_parallel.world_size``;
-- activations (no recompute), per layer, from Korthikanti et al. 2022 ("Reducing Activation
-  Recomputation in Large Transformer Models") for 16-bit activations with t-way TP:
-  ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` bytes, scaled by dtype size / 2; plus the fp32 logits and
-  their gradient ``2*b*s*V*4``. With ``training.recompute=full`` only each layer's
-  input (``s*b*h`` values) is kept, plus one layer's activations during its recompute.
+- weights: parameters on the chip x dtype size (with ``training.fsdp`` divided by
+  ``data_parallel.world_size``, plus one block's parameters all-gathered at a time);
+- grads: same as weights (alive from the first backward to the optimizer step);
+- optimizer: AdamW's two moments (8 B/param in fp32; 4 more for an fp32 master copy when the model
+  dtype is not fp32); with ``training.fsdp`` divided by ``data_parallel.world_size``;
+- activations saved for backward, with ``T = batch_size * max_seq_length`` tokens, ``d`` the dtype
+  size, ``t`` = n_chips, ``I`` the FFN width, ``kv`` the KV width:
+  a decoder block keeps ``T*d*(7*h/t' + (2*h + 2*kv + 4*I)/t)`` (``t' = t`` with
+  ``samba_compile.sequence_parallel``, else 1: norms' inputs and outputs and the residual stream
+  are replicated, the attention and MLP intermediates sharded); a recomputed block
+  (``training.recompute``: all blocks for ``full``, every second for ``selective``) keeps only its
+  input ``T*h*d/t'``; outside the blocks the embedding output and final norm ``3*T*h*d`` and the
+  fp32 logits of the loss targets ``N*V*4`` (``N = batch_size * (max_seq_length - 1)``: the plan
+  assumes every target carries loss, as in pretraining text; prompt targets at weight 0 skip the
+  LM head, so SFT data needs less);
+- temporaries: the step's peak is the largest of (a) the saved activations plus the loss
+  backward's two fp32 ``N x V`` buffers (the logits' gradient and softmax), plus the gradients
+  already accumulated when ``grad_accum_steps > 1``; (b) during backward, with recompute, the kept
+  block inputs, the gradients and two blocks' activations (one recomputed, one being
+  differentiated); (c) the gradients alone (the optimizer step). ``temporaries`` is that peak
+  minus the saved activations (so it holds the gradients alive at the peak);
+  ``total = weights + optimizer + activations + temporaries`` (``grads`` is shown on its own but
+  counted inside the peak, since gradients and saved activations do not peak together).
 
 Per-chip capacity assumptions (``samba_compile.chip_memory_gib`` overrides them):
 :data:`ARCH_MEMORY_GIB`.
@@ -75,68 +90,100 @@ def _arch_fields(config) -> dict[str, Any]:
     return fields
 
 
-def _activation_bytes(cfg: RunConfig, config, n_chips: int) -> int:
+def _memory(cfg: RunConfig, config, n_chips: int, per_chip_params: int, block_params: int) -> dict[str, int]:
+    """Per-chip bytes by kind (the model in the module doc); ``total`` is the step's peak."""
+    from modelzoo.models.llama.parallelize import recomputed_blocks
+
+    d = DTYPE_BYTES[cfg.model.dtype]
+    t = n_chips
+    world = cfg.data_parallel.world_size
+    fsdp = cfg.training.fsdp and world > 1
+    state_divisor = world if fsdp else 1
+    optimizer_per_param = 8 + (0 if cfg.model.dtype == "float32" else 4)
     b, s = cfg.training.batch_size, cfg.training.max_seq_length
-    h, a, layers, vocab = config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.vocab_size
-    scale = DTYPE_BYTES[cfg.model.dtype] / 2
-    per_layer = s * b * h * (10 + 24 / n_chips + 5 * a * s / (h * n_chips)) * scale
-    logits = 2 * b * s * vocab * 4
-    if cfg.training.recompute != "none":  # keep layer inputs; recompute one layer at a time
-        return int(layers * s * b * h * 2 * scale + per_layer + logits)
-    return int(layers * per_layer + logits)
+    h, inter, layers, vocab = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                               config.vocab_size)
+    kv = config.num_key_value_heads * config.head_dim
+    tokens, targets = b * s, b * (s - 1)
+    t_seq = t if cfg.samba_compile.sequence_parallel else 1
+    block = tokens * d * (7 * h / t_seq + (2 * h + 2 * kv + 4 * inter) / t)
+    block_input = tokens * h * d / t_seq
+    recomputed = len(recomputed_blocks(layers, cfg.training.recompute))
+    logits = targets * vocab * 4
+    saved = (layers - recomputed) * block + recomputed * block_input + 3 * tokens * h * d + logits
+    weights = per_chip_params * d // state_divisor + (block_params * d if fsdp else 0)
+    grads = per_chip_params * d // state_divisor
+    accumulated = grads if cfg.training.grad_accum_steps > 1 else 0
+    peak = max(saved + 2 * logits + accumulated,
+               recomputed * block_input + grads + 2 * block if recomputed else 0,
+               grads)
+    return {
+        "weights": int(weights), "grads": int(grads), "optimizer": int(per_chip_params * optimizer_per_param
+                                                                       // state_divisor),
+        "activations": int(saved), "temporaries": int(peak - saved),
+        "total": int(weights + per_chip_params * optimizer_per_param // state_divisor + peak),
+    }
 
 
-def build_plan(cfg: RunConfig) -> dict[str, Any]:
-    """The compile plan for ``cfg`` (a dict, JSON-ready); raises PlanError when it cannot fit."""
+def memory_per_chip(cfg: RunConfig) -> dict[str, int]:
+    """Per-chip bytes of ``cfg``'s plan by kind (never raises PlanError; see :func:`build_plan`)."""
+    return _analyse(cfg)["memory"]
+
+
+def _analyse(cfg: RunConfig) -> dict[str, Any]:
     from modelzoo.models.llama import from_pretrained
     from modelzoo.models.llama.parallelize import REPLICATE, shard_tensor, style_of, tp_layout
 
     model = from_pretrained(cfg.model.name_or_path, device="meta", overrides=cfg.model.overrides,
                             dtype=cfg.model.dtype, patch=False)
     config = model.config
-    n_chips, world = cfg.samba_compile.n_chips, cfg.data_parallel.world_size
+    n_chips = cfg.samba_compile.n_chips
     layout = tp_layout(config, n_chips)
     shard_shapes: dict[str, dict[str, Any]] = {}
-    per_chip_params = total_params = embedding_params = 0
+    per_chip_params = total_params = embedding_params = block_params = 0
     for name, param in model.named_parameters():  # tied weights appear once
         local = shard_tensor(name, param, layout, rank=0, head_dim=config.head_dim)
         total_params += param.numel()
         per_chip_params += local.numel()
+        if name.startswith("model.layers.0."):
+            block_params += local.numel()
         if "embed_tokens" in name or name.startswith("lm_head"):
             embedding_params += param.numel()
         pattern = re.sub(r"\.\d+\.", ".*.", name)
         shard_shapes.setdefault(pattern, {"full": list(param.shape), "per_chip": list(local.shape),
                                           "style": style_of(name, layout) if local.shape != param.shape
                                           else REPLICATE})
-    dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
-    state_divisor = world if cfg.training.fsdp else 1
-    optimizer_per_param = 8 + (0 if cfg.model.dtype == "float32" else 4)
-    memory = {
-        "weights": per_chip_params * dtype_bytes,
-        "grads": per_chip_params * dtype_bytes // state_divisor,
-        "optimizer": per_chip_params * optimizer_per_param // state_divisor,
-        "activations": _activation_bytes(cfg, config, n_chips),
-    }
-    memory["total"] = sum(memory.values())
+    return {"config": config, "layout": layout, "shard_shapes": shard_shapes, "total_params": total_params,
+            "embedding_params": embedding_params, "per_chip_params": per_chip_params,
+            "memory": _memory(cfg, config, n_chips, per_chip_params, block_params)}
+
+
+def build_plan(cfg: RunConfig) -> dict[str, Any]:
+    """The compile plan for ``cfg`` (a dict, JSON-ready); raises PlanError when it cannot fit."""
+    info = _analyse(cfg)
+    config, layout, memory = info["config"], info["layout"], info["memory"]
+    world = cfg.data_parallel.world_size
+    total_params, per_chip_params = info["total_params"], info["per_chip_params"]
     budget_gib = cfg.samba_compile.chip_memory_gib or ARCH_MEMORY_GIB[cfg.samba_compile.arch]
     plan = {
         "version": PLAN_VERSION,
         "model": {"name_or_path": cfg.model.name_or_path, "total_params": total_params,
-                  "non_embedding_params": total_params - embedding_params, **_arch_fields(config)},
-        "layout": {**asdict(layout), "world_size": world, "processes": n_chips * world,
+                  "non_embedding_params": total_params - info["embedding_params"], **_arch_fields(config)},
+        "layout": {**asdict(layout), "world_size": world, "processes": layout.n_chips * world,
                    "lm_head_style": layout.lm_head_style},
         "per_chip": {"params": per_chip_params, "bytes": memory,
                      "gib": {k: round(v / GIB, 3) for k, v in memory.items()},
                      "budget_gib": budget_gib, "fits": memory["total"] <= budget_gib * GIB,
                      "weights_fit_hbm": memory["weights"] <= ARCH_HBM_GIB[cfg.samba_compile.arch] * GIB},
-        "shard_shapes": shard_shapes,
+        "shard_shapes": info["shard_shapes"],
         "recompile_settings": recompile_settings(cfg, _arch_fields(config)),
     }
     if not plan["per_chip"]["fits"]:
         gib = plan["per_chip"]["gib"]
         raise PlanError(
-            f"the plan needs {gib['total']:.1f} GiB per chip (weights {gib['weights']:.1f}, grads {gib['grads']:.1f}, "
-            f"optimizer {gib['optimizer']:.1f}, activations {gib['activations']:.1f}) but samba_compile."
+            f"the plan needs {gib['total']:.1f} GiB per chip (weights {gib['weights']:.1f}, optimizer "
+            f"{gib['optimizer']:.1f}, activations {gib['activations']:.1f}, temporaries incl. grads "
+            f"{gib['temporaries']:.1f}) but samba_compile."
             f"{'chip_memory_gib' if cfg.samba_compile.chip_memory_gib else 'arch'} allows {budget_gib:.0f} GiB; "
             f"{_advice(cfg, memory, layout)}")
     return plan
@@ -146,7 +193,7 @@ def _advice(cfg: RunConfig, memory: dict[str, int], layout) -> str:
     """Which knob helps most, given where the bytes go."""
     tips = []
     state = memory["weights"] + memory["grads"] + memory["optimizer"]
-    if state >= memory["activations"]:
+    if state >= memory["activations"] + memory["temporaries"] - memory["grads"]:
         tips.append(f"raise samba_compile.n_chips (now {layout.n_chips}) to shard the weights further")
         if not cfg.training.fsdp and cfg.data_parallel.world_size > 1:
             tips.append("set training.fsdp=true to shard grads and optimizer state over data parallel")
@@ -218,6 +265,51 @@ def summarize(plan: dict[str, Any]) -> str:
         f"layout     n_chips={lay['n_chips']} x world_size={lay['world_size']} = {lay['processes']} processes; "
         f"{lay['heads_per_chip']} heads + {lay['kv_heads_per_chip']} KV heads per chip (KV {lay['kv_mode']})",
         f"per chip   {chip['params'] / 1e9:.3f}B params; weights {gib['weights']:.2f} GiB, grads {gib['grads']:.2f}, "
-        f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f} = {gib['total']:.2f} GiB "
+        f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f}, temporaries "
+        f"{gib['temporaries']:.2f} = {gib['total']:.2f} GiB peak "
         f"of {chip['budget_gib']:.0f} GiB",
     ])
+
+
+def memory_table_markdown() -> str:
+    """The model card's per-chip memory table: every shipped training config at its shipped
+    settings, from :func:`memory_per_chip` (``tests/test_memory_plan.py`` holds the card to it)."""
+    from modelzoo.config import load_config, shipped_configs
+
+    lines = ["| config | model | n_chips x DP | batch x seq | recompute | weights | grads | optimizer | "
+             "activations | temporaries | peak per chip (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in shipped_configs("training"):
+        cfg = load_config(name)
+        gib = {k: v / GIB for k, v in memory_per_chip(cfg).items()}
+        t = cfg.training
+        lines.append(
+            f"| `{name}` | {cfg.model.name_or_path} | {cfg.samba_compile.n_chips} x {cfg.data_parallel.world_size}"
+            f"{' FSDP' if t.fsdp else ''} | {t.batch_size} x {t.max_seq_length} | {t.recompute} | "
+            + " | ".join(f"{gib[k]:.2f}" for k in ("weights", "grads", "optimizer", "activations", "temporaries"))
+            + f" | **{gib['total']:.2f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_card(path: Path) -> None:
+    text = path.read_text()
+    start, end = "<!-- memory-table:start -->\n", "<!-- memory-table:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no '{start.strip()}' ... '{end}' block to fill")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(head + start + memory_table_markdown() + end + tail)
+    print(f"wrote the memory table into {path.resolve()}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile-plan tools.")
+    parser.add_argument("--card", nargs="?", const="models/llama/README.md", metavar="PATH",
+                        help="regenerate the per-chip memory table in the model card (default: %(const)s)")
+    args = parser.parse_args()
+    if args.card:
+        _write_card(Path(args.card))
+    else:
+        parser.print_help()
