@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         speeds = {rc: tps for tp, rc, _, tps in rows if tp == n_chips}
         if "none" in speeds and "full" in speeds:
             print(f"TP={n_chips}: recompute=full runs at {speeds['full'] / speeds['none']:.2f}x the tokens/s of "
-                  f"recompute=none ({speeds['none'] / speeds['full'] - 1:+.0%} time per token)")
+                  f"recompute=none ({speeds['none'] / speeds['full'] - 1:+.0%} time per token; the FLOPs of the "
+                  "decoder blocks grow by 1/3: one more forward per forward + backward)")
     worst = max(rows, key=lambda r: abs(r[2] - 1))
     print(f"worst prediction: TP={worst[0]} recompute={worst[1]} ratio {worst[2]:.3f} "
           f"({'within' if abs(worst[2] - 1) <= 0.15 else 'OUTSIDE'} the 15% target)")
