@@ -13,7 +13,7 @@ import torch
 
 from modelzoo.compile.plan import memory_per_chip, memory_table_markdown
 from modelzoo.config import load_config
-from modelzoo.training.memory import LiveTensorBytes, _resident_tensors, measure_train_step
+from modelzoo.training.memory import LiveTensorBytes, resident_tensors, measure_train_step
 from modelzoo.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -40,7 +40,7 @@ def _cfg(tmp: Path, data: Path, model: str = "llama2_tiny", **extra):
 def _loss_grads_and_activation_peak(trainer: Trainer):
     batch = trainer.loader.next_batch()
     with LiveTensorBytes() as tracker:
-        tracker.track(_resident_tensors(trainer.model, trainer.optimizer))
+        tracker.track(resident_tensors(trainer.model, trainer.optimizer))
         start = tracker.live
         out = trainer.forward(**batch, return_logits=False, use_cache=False)
         loss = (out.token_loss * out.loss_weight).sum() / out.loss_weight.sum()

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LiveTensorBytes", "measure_train_step", "resident_bytes"]
+__all__ = ["LiveTensorBytes", "measure_train_step", "resident_bytes", "resident_tensors"]
 
 
 def _storage(t: torch.Tensor):
@@ -108,7 +108,8 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
     return out
 
 
-def _resident_tensors(model, optimizer) -> list[torch.Tensor]:
+def resident_tensors(model, optimizer) -> list[torch.Tensor]:
+    """What a rank keeps between steps: parameters, buffers, gradients still allocated, optimizer state."""
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return [*params, *model.buffers(), *[p.grad for p in params if p.grad is not None], *state]
@@ -129,7 +130,7 @@ def measure_train_step(trainer) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(trainer.device)
     else:
         with LiveTensorBytes() as tracker:
-            tracker.track(_resident_tensors(trainer.model, trainer.optimizer))
+            tracker.track(resident_tensors(trainer.model, trainer.optimizer))
             trainer.train_step()
         peak = tracker.peak
     return {"resident": resident, "peak": peak, "step_peak": peak - sum(resident.values())}
