@@ -13,7 +13,7 @@ import torch
 
 from modelzoo.compile.plan import memory_per_chip, memory_table_markdown
 from modelzoo.config import load_config
-from modelzoo.training.memory import LiveTensorBytes, resident_tensors, measure_train_step
+from modelzoo.training.memory import LiveTensorBytes, measure_train_step, resident_tensors
 from modelzoo.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

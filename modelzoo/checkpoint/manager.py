@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import warnings
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ def _init_optimizer_state(optimizer) -> None:
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs):
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
 
