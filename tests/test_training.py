@@ -165,12 +165,13 @@ def test_data_parallel_equals_combined_batch(tmp_path, data, fsdp, n_chips):
 def test_fsdp_bfloat16_mixed_precision_tracks_fp32(tmp_path, data):
     """training.mixed_precision=bfloat16 (bf16 compute copies, fp32 reduce, fp32 master weights)
     follows the fp32 losses to bf16 precision and leaves fp32 weights in the HF dir."""
-    extra = {"training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": True}
+    extra = {"training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": True,
+             "training.max_steps": 3, "checkpoint.save_every": 3}
     fp32 = _distributed_losses(tmp_path / "fp32", data, 2, extra)
     bf16 = _distributed_losses(tmp_path / "bf16", data, 2, {**extra, "training.mixed_precision": "bfloat16"})
     assert not torch.equal(bf16, fp32)  # the policy took effect
     assert_close(bf16, fp32, atol=3e-2, rtol=0)
-    weights = _load_hf(tmp_path / "bf16" / "ck" / "step_00000005")
+    weights = _load_hf(tmp_path / "bf16" / "ck" / "step_00000003")
     assert all(t.dtype == torch.float32 for t in weights.values())
 
 
@@ -186,35 +187,35 @@ def _checkpoint_at(src: Path, dst: Path, step: int) -> None:
 
 
 def test_dcp_checkpoint_resumes_at_another_layout(tmp_path, data):
-    """Saved at TP2 x DP2 after 3 steps, resumed at TP1 x DP4 and at TP4 x DP1 (the same global batch
-    of 8): steps 4-6 give the losses of the uninterrupted TP2 x DP2 run, and the optimizer state and
+    """Saved at TP2 x DP2 after 2 steps, resumed at TP1 x DP4 and at TP4 x DP1 (the same global batch
+    of 8): steps 3-4 give the losses of the uninterrupted TP2 x DP2 run, and the optimizer state and
     data position carried over (a fresh optimizer or a restarted epoch would change them)."""
     layouts = {"tp2dp2": (2, 2, 4), "tp1dp4": (1, 4, 2), "tp4dp1": (4, 1, 8)}  # n_chips, world_size, batch
 
     def extra(name, **more):
         n_chips, world, batch = layouts[name]
         return {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips,
-                "data_parallel.world_size": world, "training.batch_size": batch, "training.max_steps": 6,
-                "checkpoint.save_every": 3, "checkpoint.keep_last": 0, **more}
+                "data_parallel.world_size": world, "training.batch_size": batch, "training.max_steps": 4,
+                "checkpoint.save_every": 2, "checkpoint.keep_last": 0, **more}
 
     spawn_cpu(_resume_worker, 4, str(tmp_path / "full"), str(data), extra("tp2dp2"))
     full = torch.load(tmp_path / "full" / "losses.pt", weights_only=True)
-    state = json.loads((tmp_path / "full" / "ck" / "step_00000003" / "training_state" / "trainer_state.json").read_text())
-    assert state["data"] == {"epoch": 0, "samples_in_epoch": 24, "global_micro_batch": 8}
-    assert (tmp_path / "full" / "ck" / "step_00000003" / "training_state" / "dcp" / ".metadata").is_file()
+    state = json.loads((tmp_path / "full" / "ck" / "step_00000002" / "training_state" / "trainer_state.json").read_text())
+    assert state["data"] == {"epoch": 0, "samples_in_epoch": 16, "global_micro_batch": 8}
+    assert (tmp_path / "full" / "ck" / "step_00000002" / "training_state" / "dcp" / ".metadata").is_file()
     for name in ("tp1dp4", "tp4dp1"):
-        _checkpoint_at(tmp_path / "full", tmp_path / name, 3)
+        _checkpoint_at(tmp_path / "full", tmp_path / name, 2)
         spawn_cpu(_resume_worker, 4, str(tmp_path / name), str(data), extra(name, **{"checkpoint.resume": True}))
         resumed = torch.load(tmp_path / name / "losses.pt", weights_only=True)
-        assert resumed["steps"].tolist() == [4, 5, 6]
-        assert_close(resumed["losses"], full["losses"][3:], atol=1e-5, rtol=0, msg=name)
-        ref, got = _load_hf(tmp_path / "full" / "ck" / "step_00000006"), _load_hf(tmp_path / name / "ck" / "step_00000006")
+        assert resumed["steps"].tolist() == [3, 4]
+        assert_close(resumed["losses"], full["losses"][2:], atol=1e-5, rtol=0, msg=name)
+        ref, got = _load_hf(tmp_path / "full" / "ck" / "step_00000004"), _load_hf(tmp_path / name / "ck" / "step_00000004")
         for key in ref:
             assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
     # a layout whose micro-batch does not divide the saved position is refused, naming both
-    _checkpoint_at(tmp_path / "full", tmp_path / "odd", 3)
-    cfg = _cfg(tmp_path / "odd", data, **{"training.batch_size": 5, "checkpoint.resume": True, "training.max_steps": 6})
-    with pytest.raises(ckpt_errors.CheckpointError, match=r"24 samples into epoch 0.*batch_size 5.*saved one \(8\)"):
+    _checkpoint_at(tmp_path / "full", tmp_path / "odd", 2)
+    cfg = _cfg(tmp_path / "odd", data, **{"training.batch_size": 5, "checkpoint.resume": True, "training.max_steps": 4})
+    with pytest.raises(ckpt_errors.CheckpointError, match=r"16 samples into epoch 0.*batch_size 5.*saved one \(8\)"):
         Trainer(cfg, quiet=True)
 
 
