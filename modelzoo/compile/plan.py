@@ -113,15 +113,14 @@ def _memory(cfg: RunConfig, config, n_chips: int, per_chip_params: int, block_pa
     saved = (layers - recomputed) * block + recomputed * block_input + 3 * tokens * h * d + logits
     weights = per_chip_params * d // state_divisor + (block_params * d if fsdp else 0)
     grads = per_chip_params * d // state_divisor
+    optimizer = per_chip_params * optimizer_per_param // state_divisor
     accumulated = grads if cfg.training.grad_accum_steps > 1 else 0
     peak = max(saved + 2 * logits + accumulated,
                recomputed * block_input + grads + 2 * block if recomputed else 0,
                grads)
     return {
-        "weights": int(weights), "grads": int(grads), "optimizer": int(per_chip_params * optimizer_per_param
-                                                                       // state_divisor),
-        "activations": int(saved), "temporaries": int(peak - saved),
-        "total": int(weights + per_chip_params * optimizer_per_param // state_divisor + peak),
+        "weights": int(weights), "grads": int(grads), "optimizer": int(optimizer),
+        "activations": int(saved), "temporaries": int(peak - saved), "total": int(weights + optimizer + peak),
     }
 
 

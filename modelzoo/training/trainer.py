@@ -270,23 +270,20 @@ class Trainer:
         if self.dist.is_main:
             write_hf_dir(tmp, self.hf_config, state, generation_config=self.model.generation_config,
                          tokenizer_files=self.tokenizer_files)
-            position = self.loader.state_dict()
+            global_micro_batch = self.t.batch_size * self.dist.dp_world
             ckpt.write_trainer_state(tmp, {
-                "step": self.step, "total_steps": self.total_steps, "loader": position,
-                "data": {"epoch": position["epoch"], "samples_in_epoch": self._samples_in_epoch(position),
-                         "global_micro_batch": self.t.batch_size * self.dist.dp_world},
+                "step": self.step, "total_steps": self.total_steps,
+                "data": {"epoch": self.loader.state.epoch,  # the position whatever the layout
+                         "samples_in_epoch": self.loader.state.micro_step * global_micro_batch,
+                         "global_micro_batch": global_micro_batch},
                 "layout": {"n_chips": self.dist.tp_world, "world_size": self.dist.dp_world,
                            "fsdp": self.t.fsdp},
-                "python_rng": ckpt.python_rng_state(), "format": "dcp",
+                "python_rng": ckpt.python_rng_state(),
             }, dump_yaml(self.cfg))
         self._barrier()
         ckpt.write_training_state(tmp, self.optimizer, self.param_names)  # collective
         self._barrier()
         return self._on_main(lambda: ckpt.finalize(save_dir, self.step, tmp, self.cfg.checkpoint.keep_last))
-
-    def _samples_in_epoch(self, position: dict[str, int]) -> int:
-        """Global samples the loader has consumed in its epoch (every DP rank together)."""
-        return position["micro_step"] * self.t.batch_size * self.dist.dp_world
 
     def _resume_position(self, trainer_state: dict[str, Any], latest: Path) -> dict[str, int]:
         """The loader position of this run's layout for the saved one: the same number of global
