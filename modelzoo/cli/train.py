@@ -79,9 +79,11 @@ def run(argv: list[str]) -> int:
     if nprocs > 1 and not under_launcher:
         return _relaunch(nprocs, argv)
 
+    from modelzoo.parallel.mesh import shutdown_distributed
     from modelzoo.training.trainer import Trainer
 
     result = Trainer(cfg).fit()
+    shutdown_distributed()
     if is_main:
         history = result["history"]
         first = next((r["loss"] for r in history if "loss" in r), float("nan"))

@@ -42,6 +42,18 @@ def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: every rank meets at a barrier, then the group is destroyed.
+
+    A process that exits with a live gloo group can abort in its C++ teardown (``terminate called
+    without an active exception``, SIGABRT) after its work is done; torchrun then reports the run as
+    failed. No-op when not distributed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_mesh(n_chips: int, world_size: int, device_type: str = "cpu"):
     """A 2-D ``DeviceMesh`` with dims ``("dp", "tp")`` of sizes ``(world_size, n_chips)``."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -56,8 +68,7 @@ def _worker(rank: int, world_size: int, store: str, fn: Callable, args: tuple) -
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     fn(rank, world_size, *args)
-    dist.barrier()  # no rank tears the group down while another still talks to it
-    dist.destroy_process_group()
+    shutdown_distributed()  # no rank tears the group down while another still talks to it
 
 
 def spawn_cpu(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
