@@ -8,7 +8,10 @@ them when its caller passes them as ``check``.
 from __future__ import annotations
 
 from .errors import ConfigError, nearest
-from .schema import PATCH_NAMES, GenerationRunConfig, RunConfig
+from .schema import LORA_TARGETS, PATCH_NAMES, GenerationRunConfig, PeftConfig, RunConfig
+
+#: modules ``peft.modules_to_save`` may name (trained in full beside the adapter)
+SAVABLE_MODULES: tuple[str, ...] = ("embed_tokens", "lm_head", "norm")
 
 
 def check_config(cfg: RunConfig | GenerationRunConfig) -> None:
@@ -36,6 +39,7 @@ def check_config(cfg: RunConfig | GenerationRunConfig) -> None:
             raise ConfigError(f"training.mixed_precision={training.mixed_precision} is FSDP's mixed-precision "
                               "policy; set training.fsdp=true (with data_parallel.world_size > 1), or "
                               "model.dtype for one precision throughout", key="training.mixed_precision")
+        _check_peft(cfg.peft, cfg)
         patches = cfg.model.patches
         if cfg.command == "run" and patches is not None and "weighted_loss" not in patches:
             raise ConfigError(
@@ -50,3 +54,30 @@ def _check_patch_names(patches: list[str] | None) -> None:
             near = nearest(name, PATCH_NAMES, n=1)
             hint = f"did you mean '{near[0]}'?" if near else f"valid: {', '.join(PATCH_NAMES)}"
             raise ConfigError(f"unknown patch '{name}' in model.patches; {hint}", key="model.patches")
+
+
+def _check_names(names: list[str], valid: tuple[str, ...], key: str, what: str) -> None:
+    for name in names:
+        if name not in valid:
+            near = nearest(name, valid, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"valid: {', '.join(valid)}"
+            raise ConfigError(f"{key} names '{name}', which is not {what} of a Llama model; {hint}", key=key)
+
+
+def _check_peft(peft: PeftConfig, cfg: RunConfig) -> None:
+    if peft.method == "none":
+        return
+    if not peft.target_modules:
+        raise ConfigError(f"peft.target_modules is empty: peft.method={peft.method} needs at least one "
+                          f"projection to adapt (default: {', '.join(LORA_TARGETS)})", key="peft.target_modules")
+    _check_names(peft.target_modules, LORA_TARGETS, "peft.target_modules", "a projection")
+    _check_names(peft.modules_to_save, SAVABLE_MODULES, "peft.modules_to_save", "a module that can be trained in full")
+    if peft.method == "dora" and cfg.samba_compile.n_chips > 1:
+        raise ConfigError(f"peft.method=dora with samba_compile.n_chips={cfg.samba_compile.n_chips}: DoRA's weight "
+                          "norm spans the tensor-parallel split and is supported on one chip per replica only; "
+                          "use peft.method=lora, or n_chips=1 with data_parallel.world_size for scale",
+                          key="peft.method")
+    if cfg.samba_compile.sequence_parallel:
+        raise ConfigError(f"samba_compile.sequence_parallel=true with peft.method={peft.method} is not supported "
+                          "(the adapter path is not in the sequence-parallel plan); drop sequence_parallel",
+                          key="samba_compile.sequence_parallel")

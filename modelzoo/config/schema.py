@@ -135,6 +135,36 @@ class TrainingConfig:
     """Directory for logs, metrics and the config snapshot."""
 
 
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven projections of a Llama decoder block: the default ``peft.target_modules``."""
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: low-rank adapters on a frozen base (``peft`` LoRA/DoRA).
+
+    The adapter is ``W x + (alpha / r) B A x`` per target projection (A: r x in, B: out x r); DoRA
+    also learns a per-output magnitude of the adapted weight. Checkpoints hold only the adapter, in
+    the format ``peft`` writes (``adapter_config.json`` + ``adapter_model.safetensors``).
+    """
+
+    method: Literal["none", "lora", "dora"] = "none"
+    """``none`` trains every weight; ``lora`` / ``dora`` train only the adapter (and ``modules_to_save``)."""
+    r: int = bounded(8, ge=1)
+    """Adapter rank."""
+    alpha: float = bounded(16.0, gt=0)
+    """Scale numerator: the adapter's output is multiplied by ``alpha / r``."""
+    dropout: float = bounded(0.0, ge=0, le=0.9)
+    """Dropout on the adapter's input (training only)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names (last component, e.g. ``q_proj``) that get an adapter."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (``embed_tokens``, ``lm_head``, ``norm``)."""
+    init: Literal["default", "gaussian"] = "default"
+    """Adapter init: ``default`` is peft's (A Kaiming-uniform, B zero), ``gaussian`` draws A from
+    N(0, 1/r); B starts at zero either way, so step 0 is the base model."""
+
+
 @dataclass
 class GenerationConfig:
     """Decoding settings of a generation run."""
@@ -204,6 +234,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     samba_compile: SambaCompileConfig = field(default_factory=SambaCompileConfig)
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     command: Literal["compile", "run"] = "run"
     """``compile`` writes the compile plan and stops; ``run`` trains."""
     backend: Backend = "cpu"
