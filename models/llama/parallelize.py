@@ -46,6 +46,16 @@ LLAMA_TP_PLAN: dict[str, str] = {
     "model.layers.*.mlp.down_proj": ROWWISE,
     "lm_head": VOCAB,
 }
+#: How a low-rank adapter on a split projection is split (peft's LoRA layer: ``base_layer`` is the
+#: frozen ``nn.Linear``, ``lora_A.*`` is r x in, ``lora_B.*`` is out x r). Column-parallel W (its
+#: output features split): B's rows are those output features, so B is split like W; A reads the
+#: full (replicated) input and stays replicated, its gradient summed over the chips by B's input
+#: all-reduce in backward. Row-parallel W (its input features split): A's columns are those input
+#: features, so A is split like W and its r-dim output all-reduced; B stays replicated.
+LORA_TP_PLAN: dict[str, dict[str, str]] = {
+    COLWISE: {"base_layer": COLWISE, "lora_B.*": COLWISE, "lora_A.*": REPLICATE},
+    ROWWISE: {"base_layer": ROWWISE, "lora_A.*": ROWWISE, "lora_B.*": REPLICATE},
+}
 #: dimension of the *weight* that a style splits (nn.Linear weight is [out, in])
 _SPLIT_DIM = {COLWISE: 0, ROWWISE: 1, VOCAB: 0}
 
@@ -185,19 +195,36 @@ def replicate_kv_heads_(model: nn.Module, n_chips: int) -> None:
     repeats = n_chips // kv
     for layer in model.model.layers:
         attn = layer.self_attn
-        for proj in (attn.k_proj, attn.v_proj):
-            weight = proj.weight.data.view(kv, attn.head_dim, -1)
-            proj.weight = nn.Parameter(weight.repeat_interleave(repeats, dim=0).reshape(n_chips * attn.head_dim, -1),
-                                       requires_grad=proj.weight.requires_grad)
-            proj.out_features = proj.weight.shape[0]
-            if proj.bias is not None:
-                bias = proj.bias.data.view(kv, attn.head_dim).repeat_interleave(repeats, dim=0).reshape(-1)
-                proj.bias = nn.Parameter(bias, requires_grad=proj.bias.requires_grad)
+        for adapted in (attn.k_proj, attn.v_proj):
+            # an adapter's B rows are the projection's output features: repeated with them
+            parts = [adapted.base_layer, *adapted.lora_B.values()] if hasattr(adapted, "base_layer") else [adapted]
+            if hasattr(adapted, "lora_magnitude_vector") and len(adapted.lora_magnitude_vector):
+                raise ValueError("DoRA adapters cannot be split over more chips than KV heads; "
+                                 f"use n_chips <= {kv} or merge the adapter (modelzoo-convert merge-lora)")
+            for proj in parts:
+                _repeat_rows(proj, kv, attn.head_dim, repeats, n_chips)
         attn.num_key_value_groups = config.num_attention_heads // n_chips
     config.num_key_value_heads = n_chips
 
 
-def _tp_plan(layout: TPLayout, sequence_parallel: bool) -> dict:
+def _repeat_rows(proj: nn.Linear, kv: int, head_dim: int, repeats: int, n_chips: int) -> None:
+    """Repeat each KV head's block of output rows of ``proj`` ``repeats`` times, in place."""
+    weight = proj.weight.data.view(kv, head_dim, -1)
+    proj.weight = nn.Parameter(weight.repeat_interleave(repeats, dim=0).reshape(n_chips * head_dim, -1),
+                               requires_grad=proj.weight.requires_grad)
+    proj.out_features = proj.weight.shape[0]
+    if proj.bias is not None:
+        bias = proj.bias.data.view(kv, head_dim).repeat_interleave(repeats, dim=0).reshape(-1)
+        proj.bias = nn.Parameter(bias, requires_grad=proj.bias.requires_grad)
+
+
+def adapted_projections(model: nn.Module) -> frozenset[str]:
+    """Names (``q_proj``, ...) of the projections that carry a low-rank adapter (peft's layers)."""
+    return frozenset(name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if hasattr(module, "lora_A") and hasattr(module, "base_layer"))
+
+
+def _tp_plan(layout: TPLayout, sequence_parallel: bool, adapted: frozenset[str] = frozenset()) -> dict:
     """The ``parallelize_module`` plan (module-name pattern -> ParallelStyle) for ``layout``.
 
     Without sequence parallelism the residual stream is replicated on every chip. With it
@@ -208,6 +235,8 @@ def _tp_plan(layout: TPLayout, sequence_parallel: bool) -> dict:
     reduce-scatters onto the sequence shards instead of all-reducing. The embedding output is cut
     into sequence shards (a local slice, no communication); the final norm gathers the sequence
     back, so the LM head and loss see full, plain tensors as without SP.
+
+    An adapted projection (a name in ``adapted``) is split by :data:`LORA_TP_PLAN` instead.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -236,6 +265,10 @@ def _tp_plan(layout: TPLayout, sequence_parallel: bool) -> dict:
         if style == VOCAB:
             if layout.lm_head_style == VOCAB:
                 plan[pattern] = ColwiseParallel(output_layouts=Replicate())
+        elif pattern.rsplit(".", 1)[-1] in adapted:
+            for part, part_style in LORA_TP_PLAN[style].items():
+                if part_style != REPLICATE:
+                    plan[f"{pattern}.{part}"] = styles[part_style]()
         else:
             plan[pattern] = styles[style]()
     return plan
@@ -264,7 +297,10 @@ def parallelize_llama(model: nn.Module, tp_mesh, *, training: bool = False,
                 f"samba_compile.n_chips={n_chips} exceeds num_key_value_heads={kv}: KV heads would be "
                 f"replicated, which is supported for inference only; train with n_chips <= {kv}")
         replicate_kv_heads_(model, n_chips)
-    parallelize_module(model, tp_mesh, _tp_plan(layout, sequence_parallel))
+    adapted = adapted_projections(model)
+    if adapted and sequence_parallel:
+        raise ValueError("sequence parallelism with adapters is not supported: drop samba_compile.sequence_parallel")
+    parallelize_module(model, tp_mesh, _tp_plan(layout, sequence_parallel, adapted))
     return layout
 
 

@@ -14,6 +14,11 @@ Layout of ``checkpoint.save_dir``::
         config.yaml           the resolved run config
     latest                    name of the newest complete checkpoint
 
+A LoRA/DoRA run (``peft.method``) saves only its adapter in each checkpoint, as ``peft`` writes it
+(``adapter_config.json`` + ``adapter_model.safetensors``, plus the tokenizer files and
+``training_state/``); the adapter config's ``base_model_name_or_path`` is the absolute path of the
+frozen base model dir, which is referenced, not copied (a preset base is written once to ``base/``).
+
 A checkpoint is written into owned scratch (``.step_....tmp-PID-hex``, see
 :mod:`modelzoo.checkpoint.atomic`), gets its ``.modelzoo-output.json`` marker, is fsynced and renamed
 when every rank has finished, and only then does ``latest`` move: a kill at any moment leaves the
@@ -30,6 +35,7 @@ import json
 import random
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +59,11 @@ TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 KIND = "training-checkpoint"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_SCRATCH_RE = scratch_re(r"step_\d{8}")
+_SCRATCH_RE = scratch_re(r"step_\d{8}|base")
+BASE_DIR = "base"
+"""An adapter run on a preset (randomly initialised, not a dir) writes its frozen base here once,
+so the adapters' ``base_model_name_or_path`` names a model dir that exists."""
+BASE_KIND = "adapter-base-model"
 
 
 def step_dir_name(step: int) -> str:
@@ -148,6 +158,18 @@ def prepare_save_dir(save_dir: str | Path, *, resume: bool, overwrite: bool, kee
         (save_dir / LATEST).unlink(missing_ok=True)
         notes.append(f"checkpoint.overwrite: removed {len(existing)} checkpoint(s) of an earlier run from {save_dir}")
     return notes
+
+
+def write_base_model(save_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Rank 0: ``write(scratch)`` the base model dir of an adapter run and publish it as
+    ``save_dir/base`` (replacing only a base this tool wrote). Returns its absolute path."""
+    final = (Path(save_dir) / BASE_DIR).absolute()
+    check_replaceable(final, marker_proof(BASE_KIND), what="adapter base model", error=CheckpointError)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = make_scratch(final, "tmp")
+    write(scratch)
+    finish(scratch, final, BASE_KIND)
+    return final
 
 
 def begin(save_dir: str | Path, step: int) -> Path:

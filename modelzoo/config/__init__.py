@@ -14,12 +14,12 @@ from .loader import config_to_dict, dump_yaml, load_config, shipped_configs
 from .schema import (
     CONFIG_KINDS,
     KNOWN_ARCHS,
+    LORA_TARGETS,
     PATCH_NAMES,
     CheckpointConfig,
     DataParallelConfig,
     GenerationConfig,
     GenerationRunConfig,
-    LORA_TARGETS,
     ModelConfig,
     PeftConfig,
     RunConfig,

@@ -104,6 +104,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, stop_after: int | None = None, quiet: bool = False) -> None:
         self.cfg, self.t = cfg, cfg.training
         self.stop_after, self.quiet = stop_after, quiet  # stop_after: simulate a crash (tests)
+        self.adapter_run = cfg.peft.method != "none"
         self.backend = _backend(cfg)
         self.device = self.backend.device()
         if self.t.deterministic:
@@ -136,12 +137,14 @@ class Trainer:
 
         mcfg, load = self.cfg.model, self.cfg.checkpoint.load_path
         source = load or mcfg.name_or_path
+        latest = None
         if self.cfg.checkpoint.resume:
             latest = ckpt.latest_checkpoint(self.cfg.checkpoint.save_dir)
             if latest is None:
                 raise ckpt.CheckpointError(f"checkpoint.resume is set but {self.cfg.checkpoint.save_dir} has no "
                                            "'latest' checkpoint; drop checkpoint.resume to start fresh")
-            source = str(latest)
+            if not self.adapter_run:  # an adapter run's checkpoints hold the adapter; the base stays
+                source = str(latest)
         overrides = mcfg.overrides if source == mcfg.name_or_path else None
         self.model = from_pretrained(source, dtype=mcfg.dtype, overrides=overrides, seed=self.t.seed,
                                      settings=mcfg, prompt_loss_weight=self.t.prompt_loss_weight, device=self.device)
@@ -152,6 +155,10 @@ class Trainer:
                               f"(token-type weights); {fix}")
         self.hf_config = self.model._modelzoo_state["config"]  # the unpatched config, for saving
         check_sequence_length(self.t.max_seq_length, self.hf_config, self.t.allow_long_sequences, source)
+        # Read now, kept in memory: the source (e.g. the checkpoint resumed from) may be pruned later.
+        self.tokenizer_files = read_tokenizer_files(self._tokenizer_dir(source))
+        if self.adapter_run:
+            self._add_adapter(source, latest)
         self.model.train()
         settings = TrainingParallelism(sequence_parallel=self.cfg.samba_compile.sequence_parallel,
                                        recompute=self.t.recompute, fsdp=self.t.fsdp,
@@ -162,8 +169,31 @@ class Trainer:
         # reduce-scatter with a divide factor of 1).
         self.grad_scale = float(self.dist.dp_world)
         self.forward = self.model
-        # Read now, kept in memory: the source (e.g. the checkpoint resumed from) may be pruned later.
-        self.tokenizer_files = read_tokenizer_files(self._tokenizer_dir(source))
+
+    def _add_adapter(self, source: str, latest: Path | None) -> None:
+        """Freeze the base and add the LoRA/DoRA adapter of the ``peft`` section (its weights from
+        ``latest`` on resume). The adapter's config names the base model dir; a preset base (not a
+        dir) is written once to ``save_dir/base`` so that it does."""
+        from modelzoo.peft import add_adapter, lora_config, read_adapter, set_adapter_weights
+
+        if Path(source).is_dir():
+            base = str(Path(source).absolute())
+        else:
+            target = Path(self.cfg.checkpoint.save_dir) / ckpt.BASE_DIR
+            if latest is None:
+                base = self._on_main(lambda: str(ckpt.write_base_model(
+                    self.cfg.checkpoint.save_dir, lambda tmp: self._write_model(tmp, adapter=False))))
+            elif (target / "config.json").is_file():
+                base = str(target.absolute())
+            else:
+                raise ckpt.CheckpointError(f"{target} is missing: the adapter run in {self.cfg.checkpoint.save_dir} "
+                                           f"trains on preset '{source}', written there at its start; restore it or "
+                                           "start a fresh run (checkpoint.overwrite=true)")
+        self.lora_config = lora_config(self.cfg.peft, base)
+        add_adapter(self.model, self.lora_config, seed=self.t.seed)
+        if latest is not None:
+            _, tensors = read_adapter(latest)
+            set_adapter_weights(self.model, tensors, latest / "adapter_model.safetensors")
 
     def _tokenizer_dir(self, source: str) -> Path | None:
         for candidate in (Path(source), Path(self.t.dataset_dir or "") / "tokenizer"):
@@ -262,14 +292,12 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
     def save(self) -> Path | None:
-        """Write checkpoint ``step_{step}`` (all ranks call this; rank 0 writes the HF dir and the
-        trainer state, every rank its part of the DCP training state)."""
+        """Write checkpoint ``step_{step}`` (all ranks call this; rank 0 writes the HF dir (or the
+        adapter) and the trainer state, every rank its part of the DCP training state)."""
         save_dir = Path(self.cfg.checkpoint.save_dir)
         tmp = self._on_main(lambda: ckpt.begin(save_dir, self.step))
-        state = full_state(self.model)  # collective under TP
+        self._write_model(tmp)  # collective
         if self.dist.is_main:
-            write_hf_dir(tmp, self.hf_config, state, generation_config=self.model.generation_config,
-                         tokenizer_files=self.tokenizer_files)
             global_micro_batch = self.t.batch_size * self.dist.dp_world
             ckpt.write_trainer_state(tmp, {
                 "step": self.step, "total_steps": self.total_steps,
@@ -284,6 +312,24 @@ class Trainer:
         ckpt.write_training_state(tmp, self.optimizer, self.param_names)  # collective
         self._barrier()
         return self._on_main(lambda: ckpt.finalize(save_dir, self.step, tmp, self.cfg.checkpoint.keep_last))
+
+    def _write_model(self, directory: Path, *, adapter: bool | None = None) -> None:
+        """The model part of a checkpoint: the HF model dir, or for an adapter run only the adapter
+        as ``peft`` writes it (the base is referenced by its path). A collective under TP and FSDP:
+        every rank gathers, rank 0 writes. ``adapter=False``: the full model, in an adapter run too."""
+        if self.adapter_run if adapter is None else adapter:
+            from modelzoo.peft import adapter_state, write_adapter
+
+            adapter = adapter_state(self.model)
+            if self.dist.is_main:
+                write_adapter(directory, self.lora_config, adapter)
+                for name, data in self.tokenizer_files.items():
+                    (directory / name).write_bytes(data)
+            return
+        state = full_state(self.model)
+        if self.dist.is_main:
+            write_hf_dir(directory, self.hf_config, state, generation_config=self.model.generation_config,
+                         tokenizer_files=self.tokenizer_files)
 
     def _resume_position(self, trainer_state: dict[str, Any], latest: Path) -> dict[str, int]:
         """The loader position of this run's layout for the saved one: the same number of global
