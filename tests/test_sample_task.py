@@ -26,8 +26,12 @@ def _capital_questions() -> list[tuple[str, str]]:
     return sorted(pairs.items())
 
 
-def _accuracy(model_dir: Path, tokenizer, questions) -> float:
+def _accuracy(model_dir: Path, tokenizer, questions, adapter: Path | None = None) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
     right = 0
     for prompt, answer in questions:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -65,3 +69,23 @@ def test_llama_tiny_learns_the_sample_task(tmp_path, sample_hdf5):
     after = _accuracy(tmp_path / "ck" / "step_00000200", tokenizer, questions)
     assert before == 0.0
     assert after >= 0.5, f"only {after:.0%} of {len(questions)} capitals right after training"
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside stock peft
+def test_llama_tiny_lora_learns_the_sample_task_on_a_frozen_base(tmp_path, sample_hdf5):
+    """llama_tiny_lora.yaml: the frozen random base gets no capital right; with the adapter stock
+    peft (on stock transformers) gets most of them."""
+    cfg = load_config("llama_tiny_lora", [f"training.dataset_dir={sample_hdf5}", f"checkpoint.save_dir={tmp_path / 'ck'}",
+                                          f"training.output_dir={tmp_path / 'out'}", "checkpoint.save_every=0",
+                                          "training.eval_every=0"])
+    result = Trainer(cfg, quiet=True).fit()
+    losses = [r["loss"] for r in result["history"] if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    adapter = tmp_path / "ck" / "step_00000200"
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert base == (tmp_path / "ck" / "base").absolute()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    questions = _capital_questions()
+    assert _accuracy(base, tokenizer, questions) == 0.0
+    after = _accuracy(base, tokenizer, questions, adapter=adapter)
+    assert after >= 0.5, f"only {after:.0%} of {len(questions)} capitals right with the adapter"

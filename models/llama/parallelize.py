@@ -203,6 +203,7 @@ def replicate_kv_heads_(model: nn.Module, n_chips: int) -> None:
                                  f"use n_chips <= {kv} or merge the adapter (modelzoo-convert merge-lora)")
             for proj in parts:
                 _repeat_rows(proj, kv, attn.head_dim, repeats, n_chips)
+            adapted.out_features = parts[0].out_features
         attn.num_key_value_groups = config.num_attention_heads // n_chips
     config.num_key_value_heads = n_chips
 
