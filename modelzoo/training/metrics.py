@@ -40,20 +40,34 @@ def flops_per_token(config: Any, seq_len: int) -> float:
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 2048,
                         seconds: float = 0.5, trials: int = 5) -> float:
     """Best achieved FLOP/s of a square matmul on this device over ``trials`` short windows: the
-    'peak' MFU is measured against (the best window, so a busy moment does not lower it)."""
+    'peak' MFU is measured against (the best window, so a busy moment does not lower it).
+
+    The matrix grows from 128 up to ``size`` only while one product stays well inside a window: a
+    dtype without native kernels (bf16 on many CPUs, ~1 GFLOP/s) would otherwise spend minutes
+    on a few 2048-wide products before training starts."""
     gen = torch.Generator(device=device).manual_seed(0)  # its own: the run's RNG state stays untouched
-    a = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
-    b = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
-    a @ b
+    window = seconds / trials
+    n = 128
+    while True:
+        a = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
+        b = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
+        a @ b  # the first product also warms up kernels and threads
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if n >= size or time.perf_counter() - start > window / 8:
+            break
+        n *= 2
     best = 0.0
     for _ in range(trials):
         _sync(device)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / trials:
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < window:
             a @ b
-            n += 1
+            count += 1
         _sync(device)
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
     return best
 
 
