@@ -223,3 +223,31 @@ def test_adapter_for_another_base_missing_files_and_unsupported_options(tmp_path
     save_file(dict(list(tensors.items())[1:]), partial / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match=r"lacks 1 adapter tensor"):
         load_adapter(from_pretrained(str(base)), partial)
+
+
+def test_lora_compiled_with_gradient_accumulation_trains_like_eager(tmp_path, data):
+    """backend=inductor (peft's layers inside each compiled block) on 2 micro-batches of 2 gives the
+    eager losses and adapter of one batch of 4."""
+    steps = {**LORA, "training.max_steps": 3}
+    eager = Trainer(_cfg(tmp_path / "a", data, **steps), quiet=True).fit()
+    compiled = Trainer(_cfg(tmp_path / "b", data, backend="inductor", **steps,
+                            **{"training.batch_size": 2, "training.grad_accum_steps": 2}), quiet=True).fit()
+    assert_close(_losses(compiled["history"]), _losses(eager["history"]), atol=1e-4, rtol=0)
+    a = load_file(tmp_path / "a" / "ck" / "step_00000003" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "ck" / "step_00000003" / "adapter_model.safetensors")
+    for key in a:
+        assert_close(b[key], a[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_lora_on_a_bfloat16_base_keeps_the_adapter_in_float32(tmp_path, data, base):
+    """model.dtype=bfloat16: the frozen base is held in bf16, the adapter (and its optimizer state)
+    in fp32, and the saved adapter is fp32 as peft saves an autocast adapter."""
+    trainer = Trainer(_cfg(tmp_path, data, **LORA, **{"model.dtype": "bfloat16", "checkpoint.load_path": str(base),
+                                                     "training.max_steps": 3}), quiet=True)
+    losses = _losses(trainer.fit()["history"])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    dtypes = {p.dtype for name, p in trainer.model.named_parameters() if ".lora_" in name}
+    frozen = {p.dtype for name, p in trainer.model.named_parameters() if ".lora_" not in name}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    saved = load_file(tmp_path / "ck" / "step_00000003" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}

@@ -91,6 +91,10 @@ def add_adapter(model: nn.Module, config, *, seed: int | None = None) -> list[st
     for name, param in model.named_parameters():
         module = name.rsplit(".", 1)[0]
         param.requires_grad = ".lora_" in name or any(module.split(".")[-1] == s for s in save)
+        if ".lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            # a low-precision base keeps a float32 adapter (and optimizer state), as peft's
+            # PeftModel autocasts it: the adapter's updates are small against its weights
+            param.data = param.data.float()
     if not names:
         raise AdapterError(f"no module of the model matches target_modules {_targets(config)}")
     return names
