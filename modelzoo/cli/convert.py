@@ -1,4 +1,5 @@
-"""``modelzoo-convert``: Llama checkpoints between Meta-native, HF, per-chip TP shards and int8.
+"""``modelzoo-convert``: Llama checkpoints between Meta-native, HF, per-chip TP shards and int8;
+LoRA/DoRA adapters merged into their base.
 
 Every subcommand streams: each tensor (or block of rows) is memory-mapped from its file on its own,
 torch files are only ever unpickled with weights_only=True, one output tensor is built and written at
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from modelzoo.checkpoint.hf_weights import CheckpointError
 from modelzoo.config import ConfigError
@@ -24,15 +26,19 @@ EPILOG = """examples:
   modelzoo-convert shard --input llama2-70b-hf --output llama2-70b-tp8 --n-chips 8
   modelzoo-convert unshard --input llama2-70b-tp8 --output llama2-70b-hf-again
   modelzoo-convert quantize --int8 --input llama31-8b-hf --output llama31-8b-int8
+  modelzoo-convert merge-lora --adapter runs/lora/checkpoints --output llama31-8b-lora-merged
   modelzoo-convert verify Llama-3.1-8B/original llama31-8b-hf
+  modelzoo-convert verify llama31-8b-hf llama31-8b-lora-merged --adapter runs/lora/checkpoints
 """
 
 ACCEPTS = {"meta-to-hf": ("meta",), "hf-to-meta": ("hf", "tp-shards"), "shard": ("hf", "meta"),
-           "unshard": ("tp-shards",), "quantize": ("hf", "meta", "tp-shards")}
+           "unshard": ("tp-shards",), "quantize": ("hf", "meta", "tp-shards"), "merge-lora": ("hf", "meta", "tp-shards")}
+ADAPTER_HELP = "peft adapter dir, or a LoRA training run's checkpoint, checkpoints dir or run dir (its newest checkpoint)"
 
 
-def _io_args(parser: argparse.ArgumentParser, weights: bool = True) -> None:
-    parser.add_argument("--input", required=True, metavar="DIR", help="checkpoint directory to read")
+def _io_args(parser: argparse.ArgumentParser, weights: bool = True, input_dir: bool = True) -> None:
+    if input_dir:
+        parser.add_argument("--input", required=True, metavar="DIR", help="checkpoint directory to read")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="directory to create (built in a hidden scratch dir beside it, renamed when complete)")
     parser.add_argument("--overwrite", action="store_true",
@@ -96,14 +102,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", required=True, help="int8 weight-only (the only method)")
     p.add_argument("--skip-lm-head", action="store_true", help="keep lm_head in float")
 
+    p = sub.add_parser("merge-lora", help="base HF (or Meta, TP-shard) dir + LoRA/DoRA adapter -> HF dir, merged",
+                       description="Fold a peft LoRA or DoRA adapter into its base: each adapted projection becomes "
+                                   "W + (alpha/r) B A (DoRA: rescaled per output row by its magnitude), computed in "
+                                   "fp32 a row block at a time and stored in W's dtype, as peft's merge_and_unload "
+                                   "computes it; modules_to_save tensors replace the base's. Checked against the base "
+                                   "before anything is written. Prove it with: verify BASE OUTPUT --adapter ADAPTER.")
+    p.add_argument("--base", metavar="DIR",
+                   help="base model the adapter was trained on (default: adapter_config.json's base_model_name_or_path)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help=ADAPTER_HELP)
+    _io_args(p, input_dir=False)
+
     p = sub.add_parser("verify", help="compare two checkpoints in any of these formats",
                        description="Compare config, structure (names, shapes, dtypes, parameter count, NaN/Inf), "
                                    "weights (bitwise, or --atol; for a TP shard dir every chip's copy of every "
                                    "tensor, replicas included, naming the chip and tensor that differ) and logits "
                                    "at several positions (incl. beyond the original context when llama3 rope "
-                                   "scaling applies). Exit 1 on a mismatch.")
+                                   "scaling applies). With --adapter, A is the base running that "
+                                   "adapter: B's weights are compared with the merge of the two, B's logits with A "
+                                   "running the adapter unmerged (peft's LoRA layers), which proves a merge-lora "
+                                   "output. Exit 1 on a mismatch.")
     p.add_argument("a", metavar="A", help="checkpoint dir (hf, meta, tp-shards or int8)")
     p.add_argument("b", metavar="B", help="checkpoint dir to compare with A")
+    p.add_argument("--adapter", metavar="DIR", help=f"apply this adapter to A ({ADAPTER_HELP})")
     p.add_argument("--atol", type=float, default=0.0, help="weight tolerance; 0 = bitwise, dtypes must match (default)")
     p.add_argument("--logits", choices=("auto", "always", "never"), default="auto",
                    help="logit check (needs both models in fp32; auto skips it when they do not fit in RAM)")
@@ -114,18 +135,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_adapter(args: argparse.Namespace, base_flag: str) -> None:
+    """``args.adapter`` -> the adapter dir it means; for merge-lora a missing ``--base`` -> the
+    adapter's own base (``args.base``)."""
+    from modelzoo.peft.locate import adapter_base, resolve_adapter_dir
+
+    args.adapter = str(resolve_adapter_dir(args.adapter))
+    if base_flag and getattr(args, "base", None) is None:
+        args.base = str(adapter_base(args.adapter, f"pass the base model dir with {base_flag} DIR"))
+
+
+def _input_paths(args: argparse.Namespace) -> list[str]:
+    """The dirs a conversion reads (the output must overlap none of them)."""
+    if args.command != "merge-lora":
+        return [args.input]
+    _resolve_adapter(args, "--base")
+    args.input = args.base
+    return [args.base, args.adapter]
+
+
 def _open_input(args: argparse.Namespace):
     from modelzoo.convert.formats import detect_format, open_checkpoint
 
+    flag = "--base" if args.command == "merge-lora" else "--input"
     kind = detect_format(args.input)
     if kind not in ACCEPTS[args.command]:
-        raise CheckpointError(f"--input {args.input} is in {kind} format; {args.command} reads "
+        raise CheckpointError(f"{flag} {args.input} is in {kind} format; {args.command} reads "
                               f"{' or '.join(ACCEPTS[args.command])} checkpoints")
     options = {}
     if kind == "meta":
         options = {"model_size": getattr(args, "model_size", None),
                    "tie": getattr(args, "tie_word_embeddings", "auto"), "instruct": getattr(args, "instruct", False)}
-    return open_checkpoint(args.input, **options)
+    view = open_checkpoint(args.input, **options)
+    if args.command == "merge-lora":
+        from modelzoo.convert.merge_lora import merged_view
+
+        view = merged_view(view, args.adapter)
+    return view
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -134,15 +180,16 @@ def _convert(args: argparse.Namespace) -> int:
     from modelzoo.convert.progress import Progress
 
     max_shard = parse_size(getattr(args, "max_shard_size", "5GB"))
+    inputs = _input_paths(args)
     bar = Progress(args.command, show=not args.quiet)
     try:
-        with conversion_output(args.command, args.output, [args.input], args.overwrite) as tmp:
+        with conversion_output(args.command, args.output, inputs, args.overwrite) as tmp:
             view = _open_input(args)
             for note in view.notes:
                 print(f"note: {note}")
             n_notes = len(view.notes)
             start = time.perf_counter()
-            if args.command in ("meta-to-hf", "unshard"):
+            if args.command in ("meta-to-hf", "unshard", "merge-lora"):
                 from modelzoo.convert.hf_dir import write_hf
 
                 write_hf(view, tmp, max_shard, bar, instruct=getattr(args, "instruct", False))
@@ -164,7 +211,7 @@ def _convert(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     for note in view.notes[n_notes:]:
         print(f"note: {note}")
-    print(f"wrote {args.output} ({args.command}): {view.n_params:,} parameters, {written / 1e6:,.1f} MB in "
+    print(f"wrote {Path(args.output).absolute()} ({args.command}): {view.n_params:,} parameters, {written / 1e6:,.1f} MB in "
           f"{seconds:.1f} s ({written / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
     return 0
 
@@ -177,8 +224,19 @@ def _verify(args: argparse.Namespace) -> int:
     views = []
     for path in (args.a, args.b):
         views.append(open_checkpoint(path, allow_int8=True, **(meta if detect_format(path) == "meta" else {})))
+    build_a = None
+    if args.adapter:
+        from functools import partial
+
+        from modelzoo.convert.merge_lora import base_with_adapter, merged_view
+
+        _resolve_adapter(args, "")
+        base = views[0]
+        views[0] = merged_view(base, args.adapter)
+        views[0].notes.append("weights: the merge of A + adapter; logits: A running the adapter unmerged")
+        build_a = partial(base_with_adapter, base, args.adapter)
     ok = verify(*views, atol=args.atol, logits=args.logits, logits_atol=args.logits_atol, min_top1=args.min_top1,
-                seq_len=args.seq_len)
+                seq_len=args.seq_len, build_a=build_a)
     return 0 if ok else 1
 
 

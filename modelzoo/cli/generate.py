@@ -6,6 +6,8 @@ examples:
   modelzoo-generate --checkpoint DIR --temperature 0.8 --top-p 0.9 --seed 1 --stream --prompt "Hi"
   modelzoo-generate --checkpoint DIR --quantize int8 --backend inductor --prompt "Hi"
   modelzoo-generate --checkpoint DIR --n-chips 2 --prompt "Hi"          # tensor parallel, 2 processes
+  modelzoo-generate --checkpoint BASE --adapter ADAPTER --prompt "Hi"   # LoRA/DoRA adapter, unmerged
+  modelzoo-generate --checkpoint runs/lora/checkpoints --prompt "Hi"    # a LoRA run: its base + newest adapter
   modelzoo-generate --config llama_tiny generation.max_new_tokens=16     # preset: random weights
   modelzoo-generate --checkpoint DIR                                     # interactive: a prompt per line
 
@@ -13,6 +15,11 @@ Flags override the config (``--config``, default ``llama_tiny`` from configs/gen
 ``key=value`` overrides (hydra syntax) override the YAML. Weights come from ``checkpoint.load_path``
 when set, else from ``model.name_or_path``; ``--checkpoint`` sets the latter. The tokenizer is the
 checkpoint's own (``--tokenizer DIR`` to use another); presets get a byte-level stand-in.
+``--adapter`` adds a peft LoRA/DoRA adapter to the base, unmerged (LoRA also under --n-chips; not
+with int8: merge it with ``modelzoo-convert merge-lora`` first); it may be a LoRA training run's dir,
+its checkpoints dir or one checkpoint. A ``--checkpoint`` that holds an adapter and no model (a LoRA
+run's) means its base (``adapter_config.json``'s base_model_name_or_path) plus that adapter. With an
+adapter the tokenizer is the adapter's, when it has one.
 A ``--prompts-file`` is JSON lines, each ``{"prompt": "..."}`` or a JSON string.
 Exit status: 0 done, 2 bad input (one ``error:`` line says what and how to fix it), 1 a worker failed.
 """
@@ -66,8 +73,11 @@ def _parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama_tiny", help="YAML path or bare name from configs/generation/")
     p.add_argument("--checkpoint", help="HF checkpoint dir (float or pre-quantized int8), a training run's dir "
-                   "(its newest checkpoint), or a preset name (random weights)")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the checkpoint dir)")
+                   "(its newest checkpoint; a LoRA run's: its base + adapter), or a preset name (random weights)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="peft LoRA/DoRA adapter dir (adapter_config.json + adapter_model.safetensors) to run on the "
+                        "--checkpoint base, unmerged; or a LoRA training run's dir / checkpoints dir (its newest)")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the adapter's, else the checkpoint dir)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="JSON lines file: {\"prompt\": \"...\"} per line")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt")
@@ -93,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------ config
 
 
-def resolve_config(args: argparse.Namespace) -> GenerationRunConfig:
-    """The YAML config with ``key=value`` overrides, then the flags; errors name the flag."""
+def resolve_config(args: argparse.Namespace) -> tuple[GenerationRunConfig, str | None]:
+    """The YAML config with ``key=value`` overrides, then the flags, and the adapter dir to run (or
+    None); errors name the flag."""
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise UsageError(f"'{bad[0]}' is neither an option nor a key=value override; see modelzoo-generate --help")
@@ -114,6 +125,7 @@ def resolve_config(args: argparse.Namespace) -> GenerationRunConfig:
         # a training run's dir, its checkpoints dir or its ``latest`` file mean the newest checkpoint
         if data[section].get(key) and Path(data[section][key]).exists():
             data[section][key] = str(resolve_model_dir(data[section][key]))
+    adapter = _adapter_of(data, args.adapter)
     flag_of = {FLAG_KEYS[d]: "--" + d.replace("_", "-") for d in given}
     try:
         cfg = build(GenerationRunConfig, data)
@@ -122,7 +134,24 @@ def resolve_config(args: argparse.Namespace) -> GenerationRunConfig:
     except ConfigError as err:
         flag = flag_of.get(err.key or "")
         raise (err.located(flag, None) if flag else err) from None
-    return cfg
+    return cfg, adapter
+
+
+def _adapter_of(data: dict, flag: str | None) -> str | None:
+    """The adapter dir to run: ``--adapter`` (a LoRA run's dir meaning its newest checkpoint), or
+    the one the weights source holds when it is an adapter and no model (a LoRA run's checkpoint);
+    then the source becomes that adapter's base, in ``data``."""
+    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
+
+    section, key = ("checkpoint", "load_path") if data["checkpoint"].get("load_path") else ("model", "name_or_path")
+    path = data[section].get(key)
+    if not (path and holds_adapter(path)):
+        return str(resolve_adapter_dir(flag)) if flag else None
+    if flag:
+        raise UsageError(f"--checkpoint {path} is an adapter (adapter_config.json, no model weights) and --adapter "
+                         f"{flag} another; give the base model as --checkpoint, or drop --adapter")
+    data[section][key] = str(adapter_base(path, f"give the base as --checkpoint BASE --adapter {path}"))
+    return path
 
 
 def weights_source(cfg: GenerationRunConfig) -> str:
@@ -192,6 +221,7 @@ class Job:
     tokenizer_dir: str | None = None
     output_json: str | None = None
     interactive: bool = False
+    adapter: str | None = None
 
 
 def _tokenizer_for(job: Job):
@@ -202,14 +232,17 @@ def _tokenizer_for(job: Job):
     source = weights_source(job.cfg)
     if job.tokenizer_dir:
         return load_tokenizer(job.tokenizer_dir), job.tokenizer_dir
+    if job.adapter and has_tokenizer(job.adapter):  # the tokenizer the adapter was trained with
+        return load_tokenizer(job.adapter), job.adapter
     if is_preset(source) and not has_tokenizer(source):
         return ByteTokenizer(), "byte-level stand-in"
     return load_tokenizer(source), source
 
 
 def preflight(job: Job):
-    """Checks that need no weights: the checkpoint's config, tokenizer, vocab, prompt lengths, output
-    path. Returns ``(tokenizer, token ids of the prompts)``."""
+    """Checks that need no weights: the checkpoint's config, the adapter (files, shapes against the
+    base, layout), tokenizer, vocab, prompt lengths, output path. Returns ``(tokenizer, token ids of
+    the prompts)``."""
     from modelzoo.generation.engine import GenerationError, encode_prompts, validate_requests
     from modelzoo.generation.loading import is_prequantized
     from modelzoo.generation.tokenizer import check_vocab
@@ -217,11 +250,20 @@ def preflight(job: Job):
 
     cfg, source = job.cfg, weights_source(job.cfg)
     config = load_llama_config(source, cfg.model.overrides if is_preset(source) else None)
+    n_chips = cfg.samba_compile.n_chips
+    if job.adapter:
+        from modelzoo.generation.loading import check_adapter
+
+        lora = check_adapter(job.adapter, source, cfg.generation.quantize,
+                             cfg.model.overrides if is_preset(source) else None)
+        if lora.use_dora and n_chips > 1:
+            raise UsageError(f"--adapter {job.adapter} is a DoRA adapter, which runs on one chip only (its weight norm "
+                             f"spans the tensor-parallel split); use --n-chips 1, or merge it (modelzoo-convert "
+                             f"merge-lora) and run the merged model with --n-chips {n_chips}")
     tokenizer, tok_source = _tokenizer_for(job)
     check_vocab(tokenizer, config.vocab_size, tok_source, source)
     if job.output_json and not Path(job.output_json).resolve().parent.is_dir():
         raise UsageError(f"--output-json {job.output_json}: directory {Path(job.output_json).parent} does not exist")
-    n_chips = cfg.samba_compile.n_chips
     if n_chips > 1:
         if cfg.backend != "cpu":
             raise UsageError(f"--n-chips {n_chips} runs on --backend cpu (gloo processes); got --backend {cfg.backend}")
@@ -268,7 +310,7 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, out: TextIO | None = N
     if tokenizer is None:
         tokenizer, _ = _tokenizer_for(job)
     model = load_for_generation(weights_source(cfg), dtype=cfg.model.dtype, quantize=gen.quantize,
-                                overrides=cfg.model.overrides, seed=0,
+                                overrides=cfg.model.overrides, seed=0, adapter=job.adapter,
                                 precision={"fp32_ln": cfg.model.fp32_ln, "fp32_logits": cfg.model.fp32_logits})
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -308,7 +350,8 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, out: TextIO | None = N
         print(generator.telemetry.line(), file=err)
         if job.output_json:
             payload = {"config": config_to_dict(cfg), "completions": [c.to_dict() for c in completions],
-                       "telemetry": generator.telemetry.summary(), "tensor_parallel": world_size}
+                       "telemetry": generator.telemetry.summary(), "tensor_parallel": world_size,
+                       "adapter": job.adapter}
             Path(job.output_json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
             print(f"wrote {job.output_json}", file=err)
     return EXIT_OK
@@ -320,11 +363,11 @@ def _tp_worker(rank: int, world_size: int, job: Job) -> None:
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    cfg = resolve_config(args)
+    cfg, adapter = resolve_config(args)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
-    job = Job(cfg, prompts or None, args.tokenizer, args.output_json, interactive=not prompts)
+    job = Job(cfg, prompts or None, args.tokenizer, args.output_json, interactive=not prompts, adapter=adapter)
     tokenizer, _ = preflight(job)  # every user error surfaces here, before weights load or processes start
     n_chips = cfg.samba_compile.n_chips
     if n_chips == 1:

@@ -19,8 +19,8 @@ from modelzoo.checkpoint.atomic import atomic_dir, marker_proof
 from modelzoo.checkpoint.hf_weights import CheckpointError
 
 #: subcommand -> the kind its output's marker names
-KINDS = {"meta-to-hf": "hf-model", "unshard": "hf-model", "hf-to-meta": "meta", "shard": "tp-shards",
-         "quantize": "int8-model"}
+KINDS = {"meta-to-hf": "hf-model", "unshard": "hf-model", "merge-lora": "hf-model", "hf-to-meta": "meta",
+         "shard": "tp-shards", "quantize": "int8-model"}
 #: any conversion output may be replaced by any conversion
 REPLACEABLE = marker_proof(*sorted(set(KINDS.values())))
 

@@ -14,6 +14,11 @@ Both are read as HF views (Meta merged, TP shards unsharded, int8 dequantized), 
    (e.g. 8192) when llama3 rope scaling applies, and at the end of the context; max/mean abs diff
    and top-1 agreement. Needs both models in fp32 in memory; ``auto`` skips it (saying so) when
    that does not fit in half the available RAM.
+
+A base with a LoRA/DoRA adapter (``verify BASE MERGED --adapter DIR``) is side A twice over: its
+weights are the merge of base and adapter (:func:`~modelzoo.convert.merge_lora.merged_view`), and its
+logits come from the base running the adapter *unmerged* through peft's own LoRA layers (``build_a``),
+so a merged checkpoint is checked against the adapter's forward, not against the merge code alone.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from .view import CheckpointView, aligned_rows, build_model
 
@@ -89,8 +95,9 @@ class _Report:
 
 def verify(a: CheckpointView, b: CheckpointView, *, atol: float = 0.0, logits: str = "auto",
            logits_atol: float = 1e-5, min_top1: float = 1.0, seq_len: int = 16, seed: int = 0,
-           out: Callable[[str], None] = print) -> bool:
-    """Compare two views; prints one line per check and returns whether all passed."""
+           out: Callable[[str], None] = print, build_a: Callable[[], nn.Module] | None = None) -> bool:
+    """Compare two views; prints one line per check and returns whether all passed. ``build_a``
+    makes A's model for the logit check (default: a stock HF model of A's tensors)."""
     for tag, view in (("A", a), ("B", b)):
         out(f"{tag}  {view.kind:<9} {view.path}: {view.n_params:,} parameters, {len(view.sources)} HF tensors "
             f"({view.native_tensors} stored)")
@@ -161,7 +168,7 @@ def verify(a: CheckpointView, b: CheckpointView, *, atol: float = 0.0, logits: s
             out(f"  SKIP  logits                       both models in fp32 need {need / 2**30:.1f} GiB, "
                 f"{avail / 2**30:.1f} GiB available; --logits always forces it")
         else:
-            _check_logits(a, b, report, logits_atol, min_top1, seq_len, seed)
+            _check_logits(a, b, report, logits_atol, min_top1, seq_len, seed, build_a)
     ok = not report.failed
     out(f"verify: {'PASS' if ok else 'FAIL'} ({report.count - len(report.failed)} of {report.count} checks passed"
         f"{'; failed: ' + ', '.join(report.failed) if report.failed else ''})")
@@ -169,15 +176,16 @@ def verify(a: CheckpointView, b: CheckpointView, *, atol: float = 0.0, logits: s
 
 
 def _check_logits(a: CheckpointView, b: CheckpointView, report: _Report, logits_atol: float, min_top1: float,
-                  seq_len: int, seed: int) -> None:
+                  seq_len: int, seed: int, build_a: Callable[[], nn.Module] | None = None) -> None:
     gen = torch.Generator().manual_seed(seed)
     vocab = min(a.config.vocab_size, b.config.vocab_size)
     starts = logit_windows(a.config, seq_len, min(a.config.max_position_embeddings,
                                                   b.config.max_position_embeddings))
     ids = torch.randint(0, vocab, (len(starts), seq_len), generator=gen)
     results = {}
-    for tag, view in (("a", a), ("b", b)):
-        model = build_model(view)
+    builders = {"a": build_a or (lambda: build_model(a)), "b": lambda: build_model(b)}
+    for tag in ("a", "b"):
+        model = builders[tag]()
         with torch.no_grad():
             results[tag] = [model(ids[i:i + 1], position_ids=torch.arange(s, s + seq_len)[None]).logits[0]
                             for i, s in enumerate(starts)]

@@ -1,9 +1,16 @@
-"""Load a model for generation: float, int8 quantized at start-up, or a pre-quantized int8 directory.
+"""Load a model for generation: float, int8 quantized at start-up, or a pre-quantized int8 directory,
+optionally with a LoRA/DoRA adapter.
 
 A pre-quantized directory (written by the conversion tool, format in
 :mod:`modelzoo.checkpoint.int8`) is built on the meta device, its listed modules are swapped for
 int8 modules (``Int8Linear``, or :class:`~modelzoo.generation.kernels.Int8Embedding` for an
 embedding), and its tensors stream straight into place: the float weights never exist.
+
+An adapter (a ``peft`` dir) is added to the float base unmerged, as peft's own LoRA layers
+(:func:`modelzoo.peft.load_adapter`), so the base stays shared and exact and tensor parallelism
+splits the factors with their projections. It is refused with int8 weights: peft's layers need a
+float base weight (DoRA reads it every step), and merging first (``modelzoo-convert merge-lora``),
+then quantizing the merged model, quantizes the function that is actually run.
 """
 
 from __future__ import annotations
@@ -113,9 +120,32 @@ def load_prequantized(path: str | Path, dtype: str | torch.dtype = "float32",
     return model.eval()
 
 
+def _refuse_int8(adapter: str | Path, source: str, quantize: str) -> None:
+    if quantize == "int8" or is_prequantized(source):
+        raise CheckpointError(f"--adapter {adapter} with int8 weights is not supported (peft's adapter layers need "
+                              "the float base); merge it first (modelzoo-convert merge-lora --adapter ADAPTER "
+                              "--output DIR), then generate from DIR with --quantize int8")
+
+
+def check_adapter(adapter: str | Path, source: str, quantize: str = "none",
+                  overrides: dict[str, Any] | None = None):
+    """Everything :func:`load_for_generation` would refuse about ``adapter`` on ``source``, without
+    loading weights: int8, and the adapter's files, options and shapes against the base's config
+    (applied to the base built on the meta device). Raises one-line errors naming file and key;
+    returns the adapter's ``LoraConfig``."""
+    from modelzoo.peft import load_adapter
+
+    _refuse_int8(adapter, source, quantize)
+    config = load_llama_config(source, overrides)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return load_adapter(model, adapter)
+
+
 def load_for_generation(source: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
                         quantize: str = "none", seed: int = 0, overrides: dict[str, Any] | None = None,
-                        precision: dict[str, bool] | None = None) -> LlamaForCausalLM:
+                        precision: dict[str, bool] | None = None, adapter: str | Path | None = None
+                        ) -> LlamaForCausalLM:
     """The model to generate with.
 
     Args:
@@ -124,13 +154,20 @@ def load_for_generation(source: str, *, dtype: str = "float32", device: str | to
             is int8 either way).
         overrides: architecture fields for a preset.
         precision: ``{"fp32_ln": bool, "fp32_logits": bool}`` patches (they matter in bf16).
+        adapter: a ``peft`` LoRA/DoRA adapter dir added to the float base, unmerged and frozen.
     """
     if quantize not in ("none", "int8"):
         raise ValueError(f"unknown quantization '{quantize}'; use none or int8")
+    if adapter is not None:
+        _refuse_int8(adapter, source, quantize)
     if is_prequantized(source):
         model = load_prequantized(source, dtype, device)
     else:
         model = from_pretrained(source, dtype=dtype, device=device, overrides=overrides, seed=seed, patch=False)
+        if adapter is not None:
+            from modelzoo.peft import load_adapter
+
+            load_adapter(model, adapter)
         if quantize == "int8":
             quantize_for_generation_(model)
     enabled = [name for name in GENERATION_PATCHES if (precision or {}).get(name)]
