@@ -167,10 +167,12 @@ def test_lora_data_parallel_equals_combined_batch(tmp_path, data, fsdp, n_chips)
     ("peft.r=0", "'peft.r' must be >= 1"),
     ("peft.target_modules=[q_proj,qkv_proj]", "peft.target_modules names 'qkv_proj'"),
     ("peft.method=qlora", "'peft.method' expects one of"),
+    ("peft.quantize_base=int8 samba_compile.tensor_parallel=weight samba_compile.n_chips=2",
+     "peft.quantize_base=int8 is not supported here"),
 ])
 def test_bad_peft_config_is_one_line(tmp_path, data, capsys, override, needle):
     args = ["--config", "llama_tiny", f"training.dataset_dir={data}", f"checkpoint.save_dir={tmp_path}/ck",
-            "peft.method=lora", override]
+            "peft.method=lora", *override.split()]
     assert train_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
@@ -251,3 +253,19 @@ def test_lora_on_a_bfloat16_base_keeps_the_adapter_in_float32(tmp_path, data, ba
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
     saved = load_file(tmp_path / "ck" / "step_00000003" / "adapter_model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_lora_on_an_int8_base_tracks_the_float_base(tmp_path, data, base):
+    """peft.quantize_base=int8 (QLoRA-style): the adapted projections' frozen weights are int8
+    buffers (1 byte each), the adapter trains in float and its losses stay near the float-base run."""
+    steps = {**LORA, "checkpoint.load_path": str(base), "training.max_steps": 4}
+    float_run = _losses(Trainer(_cfg(tmp_path / "f", data, **steps), quiet=True).fit()["history"])
+    trainer = Trainer(_cfg(tmp_path / "q", data, **steps, **{"peft.quantize_base": "int8"}), quiet=True)
+    int8_run = _losses(trainer.fit()["history"])
+    layer = trainer.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.int8 and layer.lora_A["default"].weight.dtype == torch.float32
+    assert_close(torch.tensor(int8_run), torch.tensor(float_run), atol=2e-2, rtol=0)
+    assert int8_run[-1] < int8_run[0]
+    # the saved adapter is an ordinary peft adapter on the float base
+    assert json.loads((tmp_path / "q" / "ck" / "step_00000004" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(base.absolute())

@@ -223,6 +223,8 @@ class Fp32ResidualLlamaDecoderLayer(LlamaDecoderLayer):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         compute_dtype = self.mlp.down_proj.weight.dtype
+        if not compute_dtype.is_floating_point:  # int8 weight-only projections compute in the norms' dtype
+            compute_dtype = self.input_layernorm.weight.dtype
         residual = hidden_states.float()
         hidden = self.input_layernorm(hidden_states).to(compute_dtype)
         if position_embeddings is not None:

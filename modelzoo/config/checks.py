@@ -77,6 +77,12 @@ def _check_peft(peft: PeftConfig, cfg: RunConfig) -> None:
                           "norm spans the tensor-parallel split and is supported on one chip per replica only; "
                           "use peft.method=lora, or n_chips=1 with data_parallel.world_size for scale",
                           key="peft.method")
+    if peft.quantize_base == "int8" and (peft.method == "dora" or cfg.samba_compile.n_chips > 1):
+        why = ("DoRA reads the float base weight every step" if peft.method == "dora"
+               else f"int8 weights are not split by the tensor-parallel plan (samba_compile.n_chips={cfg.samba_compile.n_chips})")
+        raise ConfigError(f"peft.quantize_base=int8 is not supported here: {why}; use peft.method=lora with "
+                          "samba_compile.n_chips=1 (scale out with data_parallel.world_size), or "
+                          "peft.quantize_base=none", key="peft.quantize_base")
     if cfg.samba_compile.sequence_parallel:
         raise ConfigError(f"samba_compile.sequence_parallel=true with peft.method={peft.method} is not supported "
                           "(the adapter path is not in the sequence-parallel plan); drop sequence_parallel",

@@ -163,6 +163,10 @@ class PeftConfig:
     init: Literal["default", "gaussian"] = "default"
     """Adapter init: ``default`` is peft's (A Kaiming-uniform, B zero), ``gaussian`` draws A from
     N(0, 1/r); B starts at zero either way, so step 0 is the base model."""
+    quantize_base: Literal["none", "int8"] = "none"
+    """``int8`` holds the frozen adapted projections int8 weight-only (per-output-channel absmax, the
+    int8 conversion's scheme; 1 byte per weight, QLoRA-style) while the adapter trains in float.
+    One chip per replica (``n_chips: 1``), ``method: lora``."""
 
 
 @dataclass

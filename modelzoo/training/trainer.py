@@ -190,10 +190,15 @@ class Trainer:
                                            f"trains on preset '{source}', written there at its start; restore it or "
                                            "start a fresh run (checkpoint.overwrite=true)")
         self.lora_config = lora_config(self.cfg.peft, base)
-        add_adapter(self.model, self.lora_config, seed=self.t.seed)
+        adapted = add_adapter(self.model, self.lora_config, seed=self.t.seed)
         if latest is not None:
             _, tensors = read_adapter(latest)
             set_adapter_weights(self.model, tensors, latest / "adapter_model.safetensors")
+        if self.cfg.peft.quantize_base == "int8":
+            from modelzoo.checkpoint.int8 import QUANT_KEY, quantize_model_
+
+            quantize_model_(self.model, [f"{name}.base_layer" for name in adapted])
+            delattr(self.model.config, QUANT_KEY)  # the base on disk stays float; only this run's copy is int8
 
     def _tokenizer_dir(self, source: str) -> Path | None:
         for candidate in (Path(source), Path(self.t.dataset_dir or "") / "tokenizer"):
