@@ -4,14 +4,13 @@ measured one (``modelzoo.training.memory``)."""
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from modelzoo.compile.plan import memory_per_chip, memory_table_markdown
+from modelzoo.compile.plan import card_block, memory_per_chip, memory_table_markdown
 from modelzoo.config import load_config
 from modelzoo.training.memory import LiveTensorBytes, measure_train_step, resident_tensors
 from modelzoo.training.trainer import Trainer
@@ -82,8 +81,7 @@ def test_plan_predicts_the_measured_peak(tmp_path, text_data, model, recompute):
 
 
 def test_model_card_memory_table_is_the_plans():
-    card = CARD.read_text()
-    match = re.search(r"<!-- memory-table:start -->\n(.*?)<!-- memory-table:end -->", card, re.S)
-    assert match, f"{CARD} has no generated memory table"
-    assert match.group(1) == memory_table_markdown(), (
+    block = card_block(CARD.read_text(), "memory-table")
+    assert block is not None, f"{CARD} has no generated memory table"
+    assert block == memory_table_markdown(), (
         "the model card's memory table is stale: regenerate it with python -m modelzoo.compile.plan --card")

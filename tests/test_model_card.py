@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from modelzoo.compile.plan import CARD_FILES, card_block, lora_memory_table_markdown
 from modelzoo.models.llama import get_preset
 from modelzoo.models.llama.parallelize import valid_n_chips
 
-CARD = Path(__file__).resolve().parents[1] / "models" / "llama" / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+CARD = ROOT / "models" / "llama" / "README.md"
 
 
 def _parallel_rows():
@@ -42,3 +44,23 @@ def test_parallelism_table_matches_tp_rule(preset):
     sharded, replicated = ROWS[preset]
     assert sharded == [n for n in valid if kv % n == 0]
     assert replicated == [n for n in valid if kv % n != 0]
+
+
+@pytest.fixture(scope="module")
+def lora_table():
+    return lora_memory_table_markdown()
+
+
+@pytest.mark.parametrize("doc", CARD_FILES)
+def test_lora_memory_table_is_the_plans(doc, lora_table):
+    block = card_block((ROOT / doc).read_text(), "lora-memory-table")
+    assert block is not None, f"{doc} has no generated LoRA memory table"
+    assert block == lora_table, (
+        f"the LoRA memory table in {doc} is stale: regenerate it with python -m modelzoo.compile.plan --card")
+
+
+def test_lora_memory_table_shows_the_shipped_lora_configs_fitting_where_full_does_not(lora_table):
+    rows = {line.split("|")[1].strip(" `"): line for line in lora_table.splitlines()[2:]}
+    for name in ("llama2_70b_lora", "llama3_1_8b_lora"):
+        full, lora = rows[name].split("|")[7], rows[name].split("|")[11]
+        assert "does not fit" in full and "(fits)" in lora, rows[name]
