@@ -24,17 +24,18 @@ import torch
 
 from modelzoo.peft.adapters import (
     ADAPTER_WEIGHTS,
+    KEY_PARTS,
     PEFT_PREFIX,
     AdapterError,
     adapter_scaling,
     merged_weight,
     read_adapter,
+    split_key,
 )
 
 from .tokenizer import TokenizerSource
 from .view import BLOCK_BYTES, CheckpointView, TensorSource, rechunk_rows
 
-_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
 _FIX = "the adapter was trained for another base model; use its base (adapter_config.json's base_model_name_or_path)"
 
 
@@ -44,22 +45,6 @@ class _Adapted:
 
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
-
-
-def split_key(key: str, file: Path) -> tuple[str, str]:
-    """A peft file key -> ``(name, part)``: the module and ``lora_A`` / ``lora_B`` / ``magnitude``
-    for an adapter factor, or the base tensor's name and ``full`` for a ``modules_to_save`` tensor."""
-    if not key.startswith(PEFT_PREFIX):
-        raise AdapterError(f"{file}: tensor '{key}' is not a peft adapter key (they start with '{PEFT_PREFIX}'); "
-                           "re-save the adapter with peft")
-    rest = key[len(PEFT_PREFIX):]
-    for suffix, part in _PARTS.items():
-        if rest.endswith(suffix):
-            return rest[: -len(suffix)], part
-    if ".lora_" in rest:
-        raise AdapterError(f"{file}: tensor '{key}' is a kind of adapter tensor modelzoo does not merge (only "
-                           "lora_A, lora_B, lora_magnitude_vector and modules_to_save weights); merge it with peft")
-    return rest, "full"
 
 
 def _group(state: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, _Adapted], dict[str, tuple[str, torch.Tensor]]]:
@@ -90,7 +75,7 @@ def _check_projection(module: str, entry: _Adapted, base: CheckpointView, config
         raise AdapterError(f"{file}: tensor '{some_key}' adapts '{module}', which base {base.path} does not have "
                            f"(no tensor '{name}'): {_FIX}")
     wanted = ("lora_A", "lora_B", "magnitude") if config.use_dora else ("lora_A", "lora_B")
-    suffix = {part: end for end, part in _PARTS.items()}
+    suffix = {part: end for end, part in KEY_PARTS.items()}
     for part in wanted:
         if part not in entry.parts:
             what = "DoRA (use_dora) needs a magnitude per projection" if part == "magnitude" else "LoRA needs both factors"

@@ -110,17 +110,32 @@ def peft_key(name: str) -> str:
     return PEFT_PREFIX + name
 
 
-def _our_name(key: str) -> str:
-    """Inverse of :func:`peft_key`."""
+#: file-key suffix -> the adapter part it holds (a key with none of them is a ``modules_to_save`` tensor)
+KEY_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", f".{_MAGNITUDE}": "magnitude"}
+_IN_MODEL = {"lora_A": "lora_A", "lora_B": "lora_B", "magnitude": _MAGNITUDE}
+
+
+def split_key(key: str, file: str | Path) -> tuple[str, str]:
+    """A peft file key -> ``(name, part)``: the module and ``lora_A`` / ``lora_B`` / ``magnitude``
+    for an adapter tensor, or the base tensor's name and ``full`` for a ``modules_to_save`` tensor.
+    Raises :class:`AdapterError` naming ``file`` for a key peft does not write."""
     if not key.startswith(PEFT_PREFIX):
-        raise KeyError(key)
+        raise AdapterError(f"{file}: tensor '{key}' is not a peft adapter key (they start with '{PEFT_PREFIX}'); "
+                           "re-save the adapter with peft")
     rest = key[len(PEFT_PREFIX):]
-    for part in _FACTORS:
-        if rest.endswith(f".{part}.weight"):
-            return rest[: -len(".weight")] + f".{ADAPTER_NAME}.weight"
-    if rest.endswith(f".{_MAGNITUDE}"):
-        return f"{rest}.{ADAPTER_NAME}.weight"
-    return rest
+    for suffix, part in KEY_PARTS.items():
+        if rest.endswith(suffix):
+            return rest[: -len(suffix)], part
+    if ".lora_" in rest:
+        raise AdapterError(f"{file}: tensor '{key}' is a kind of adapter tensor modelzoo does not apply (only "
+                           "lora_A, lora_B, lora_magnitude_vector and modules_to_save weights); use peft for it")
+    return rest, "full"
+
+
+def _our_name(key: str, file: str | Path) -> str:
+    """Inverse of :func:`peft_key`."""
+    name, part = split_key(key, file)
+    return name if part == "full" else f"{name}.{_IN_MODEL[part]}.{ADAPTER_NAME}.weight"
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -213,11 +228,7 @@ def set_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], source
     wanted = set(trainable_names(model))
     seen = set()
     for key, tensor in state.items():
-        try:
-            name = _our_name(key)
-        except KeyError:
-            raise AdapterError(f"{source}: tensor '{key}' is not a peft adapter key (they start with "
-                               f"'{PEFT_PREFIX}'); re-save the adapter with peft") from None
+        name = _our_name(key, source)
         if name not in params:
             raise AdapterError(f"{source}: tensor '{key}' adapts '{name}', which the base model does not have: the "
                                "adapter was made for another model (or another target_modules); use its base")
