@@ -105,7 +105,7 @@ def test_generation_runs_through_a_plugged_in_backend(registry):
     got = [c.token_ids for c in gen.generate_ids(prompts, 8)]
     [(wrapped, _, _)] = Recording.compiled
     assert wrapped.inner is gen.decoder and gen.step is wrapped
-    assert wrapped.calls == 8  # one prefill and 7 decode steps, all through the backend's module
+    assert wrapped.calls == 9  # a prefill per prompt and 7 decode steps, all through the backend's module
     assert got == want
 
 

@@ -55,7 +55,9 @@ def _decode(model, prompts):
 
     gen.step = recording
     completions = gen.generate_ids(prompts, NEW_TOKENS)
-    return completions, calls
+    # one prefill call per prompt (its own row, [1, V]), then decode steps over all rows ([B, V])
+    prefill = torch.cat(calls[:len(prompts)])
+    return completions, [prefill] + calls[len(prompts):]
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

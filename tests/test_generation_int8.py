@@ -45,9 +45,10 @@ def _logits(model, ids):
 
 def _decoder_last_logits(model, ids):
     dec = LlamaDecoder(model)
-    cache = dec.new_cache(ids.shape[0], ids.shape[1], torch.zeros(ids.shape[0], dtype=torch.long))
+    cache = dec.new_cache(ids.shape[0], ids.shape[1])
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     with torch.no_grad():
-        return dec(ids, torch.arange(ids.shape[1]), cache.k, cache.v, cache.pad, ids.shape[1])
+        return dec(ids, positions, None, cache.k, cache.v, ids.shape[1])
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

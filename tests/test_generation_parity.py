@@ -110,12 +110,13 @@ def test_static_cache_shapes_are_constant_across_decode_steps():
     shapes = []
     step = gen.step
 
-    def spy(tokens, slots, cache_k, cache_v, pad, kv_len):
-        shapes.append((tuple(tokens.shape), tuple(slots.shape), tuple(cache_k[0].shape), tuple(pad.shape)))
-        return step(tokens, slots, cache_k, cache_v, pad, kv_len)
+    def spy(tokens, positions, rows, cache_k, cache_v, kv_len):
+        shapes.append((tuple(tokens.shape), tuple(positions.shape), rows is None, tuple(cache_k[0].shape)))
+        return step(tokens, positions, rows, cache_k, cache_v, kv_len)
 
     gen.step = spy
     gen.generate_ids(random_prompts(model.config.vocab_size)[:2], 8)
-    prefill, decode = shapes[0], shapes[1:]
-    assert len(decode) == 7 and len(set(decode)) == 1
-    assert prefill[2] == decode[0][2]  # one cache, allocated once, for prefill and decode
+    prefills, decode = shapes[:2], shapes[2:]  # each prompt prefilled into its own row, then 7 steps for both
+    assert [p[2] for p in prefills] == [False, False] and all(p[0][0] == 1 for p in prefills)
+    assert len(decode) == 7 and len(set(decode)) == 1 and decode[0][:3] == ((2, 1), (2, 1), True)
+    assert prefills[0][3] == decode[0][3]  # one cache, allocated once, for prefill and decode

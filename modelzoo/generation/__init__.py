@@ -15,6 +15,15 @@ from .engine import Completion, GenerationError, Generator, eos_ids
 from .kernels import Int8Embedding
 from .loading import load_for_generation, load_prequantized, model_nbytes, quantize_for_generation_
 from .sampling import SamplingParams, choose_next, top_k_filter, top_p_filter
+from .scheduler import (
+    EngineRequest,
+    EngineThread,
+    QueueFull,
+    RequestHandle,
+    RequestResult,
+    SlotEngine,
+    TokenEvent,
+)
 from .stopping import SequenceState, StopChecker
 from .telemetry import BatchTimes, Telemetry
 from .tokenizer import ByteTokenizer, check_vocab, load_tokenizer
@@ -23,15 +32,22 @@ __all__ = [
     "BatchTimes",
     "ByteTokenizer",
     "Completion",
+    "EngineRequest",
+    "EngineThread",
     "GenerationError",
     "Generator",
     "Int8Embedding",
     "LlamaDecoder",
+    "QueueFull",
+    "RequestHandle",
+    "RequestResult",
     "SamplingParams",
     "SequenceState",
+    "SlotEngine",
     "StaticKVCache",
     "StopChecker",
     "Telemetry",
+    "TokenEvent",
     "check_vocab",
     "choose_next",
     "eos_ids",

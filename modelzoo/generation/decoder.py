@@ -4,12 +4,14 @@
 copies) with the same operations as the HF forward (HF's RMSNorm modules, rotary module and
 ``apply_rotary_pos_emb``), but:
 
-- keys/values go to a preallocated :class:`StaticKVCache` (``[B, H_kv, L, D]`` per layer): slot
-  writes are ``index_copy_`` with a slot tensor, so a decode step has the same shapes at every step;
-- prompts of different lengths are left-padded: row ``b`` holds its prompt at slots
-  ``[pad[b], P)`` and generated tokens from ``P`` on; position = slot - pad[b]; the boolean mask
-  ``[B, 1, S, kv_len]`` lets a query at slot ``s`` see slots ``pad[b] .. s`` (a pad query sees only
-  itself, so no row is fully masked);
+- keys/values go to a preallocated :class:`StaticKVCache` (``[B, H_kv, L, D]`` per layer), one row
+  per request slot. Each row holds its sequence from slot 0: the token at position ``p`` is written
+  at slot ``p`` (an indexed write with per-row position tensors, so a step has the same shapes whatever
+  the rows' lengths), and a query at position ``p`` sees slots ``0 .. p``. Rows are independent: a
+  row's numbers never depend on what the other rows hold;
+- the last slot (``L - 1``) is scratch: padding tokens (a compiled prefill chunk filled up to its
+  bucket, an idle row's decode input) are written there and no real query ever sees it, because
+  real positions stay below ``L - 1``;
 - only the last position's logits are computed;
 - linears go through :mod:`modelzoo.generation.kernels` (see there for why).
 
@@ -35,18 +37,24 @@ from .kernels import apply_linear, realized
 class StaticKVCache:
     """Preallocated keys and values: ``k[l]``, ``v[l]`` are ``[B, H_kv, L, D]`` for layer ``l``.
 
-    ``pad`` ``[B]`` (long): left-padding slots of each row; ``filled``: slots written so far (all rows
-    advance together).
+    Slot ``L - 1`` is scratch (padding writes go there); :attr:`max_length` is the number of real
+    positions, ``L - 1``.
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    pad: torch.Tensor
-    filled: int = 0
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
 
     @property
     def max_length(self) -> int:
-        return self.k[0].shape[2]
+        return self.slots - 1
+
+    @property
+    def scratch(self) -> int:
+        return self.slots - 1
 
     @property
     def batch_size(self) -> int:
@@ -85,8 +93,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 class LlamaDecoder(nn.Module):
     """Prefill + decode for a ``LlamaForCausalLM`` (optionally tensor-parallel or int8).
 
-    ``forward(tokens [B, S], slots [S], cache, kv_len) -> logits [B, V]`` (float, last position):
-    writes the keys/values of ``tokens`` at cache ``slots`` and attends to slots ``< kv_len``.
+    ``forward(tokens [B, S], positions [B, S], rows [B] | None, cache, kv_len) -> logits [B, V]``
+    (last position): writes the keys/values of ``tokens`` at their ``positions`` in cache ``rows``
+    (None: rows ``0..B-1``, the whole cache) and attends to slots ``< kv_len``.
     """
 
     def __init__(self, model: LlamaForCausalLM) -> None:
@@ -106,27 +115,27 @@ class LlamaDecoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.model.norm.weight.dtype
 
-    def new_cache(self, batch_size: int, max_length: int, pad: torch.Tensor) -> StaticKVCache:
-        """A zeroed cache for ``batch_size`` rows of ``max_length`` slots; ``pad`` [B] left padding."""
-        shape = (batch_size, self.kv_heads, max_length, self.head_dim)
+    def new_cache(self, batch_size: int, max_length: int) -> StaticKVCache:
+        """A zeroed cache for ``batch_size`` rows of ``max_length`` positions (plus the scratch slot)."""
+        shape = (batch_size, self.kv_heads, max_length + 1, self.head_dim)
         layers = len(self.model.model.layers)
         make = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * layers)]
-        return StaticKVCache(k=make[:layers], v=make[layers:], pad=pad.to(self.device))
+        return StaticKVCache(k=make[:layers], v=make[layers:])
 
-    def forward(self, tokens: torch.Tensor, slots: torch.Tensor, cache_k: list[torch.Tensor],
-                cache_v: list[torch.Tensor], pad: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Logits ``[B, V]`` of the last of ``tokens`` ``[B, S]`` written at ``slots`` ``[S]``."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None,
+                cache_k: list[torch.Tensor], cache_v: list[torch.Tensor], kv_len: int) -> torch.Tensor:
+        """Logits ``[B, V]`` of the last of ``tokens`` ``[B, S]`` at ``positions`` ``[B, S]`` of cache
+        ``rows`` ``[B]`` (None: all rows, ``B`` = the cache's batch)."""
         compiled = self.compiled
         inner = self.model.model
         batch, seq = tokens.shape
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)                      # [B, S]
+        index = rows if rows is not None else torch.arange(batch, device=tokens.device)
         keys = torch.arange(kv_len, device=tokens.device)
-        visible = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
-        mask = (visible | (keys[None, :] == slots[:, None])[None])[:, None]            # [B, 1, S, kv_len]
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]                # [B, 1, S, kv_len]
 
         hidden = inner.embed_tokens(tokens)
         cos, sin = inner.rotary_emb(hidden, positions)
-        for index, layer in enumerate(inner.layers):
+        for number, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -134,9 +143,12 @@ class LlamaDecoder(nn.Module):
             k = apply_linear(attn.k_proj, x, compiled).view(batch, seq, -1, self.head_dim).transpose(1, 2)
             v = apply_linear(attn.v_proj, x, compiled).view(batch, seq, -1, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            cache_k[index].index_copy_(2, slots, k)
-            cache_v[index].index_copy_(2, slots, v)
-            out = _attention(q, cache_k[index][:, :, :kv_len], cache_v[index][:, :, :kv_len], mask, attn.scaling,
+            layer_k, layer_v = cache_k[number], cache_v[number]
+            layer_k[index[:, None], :, positions] = k.transpose(1, 2)  # [B, S, H_kv, D] at (row, position)
+            layer_v[index[:, None], :, positions] = v.transpose(1, 2)
+            if rows is not None:  # a few rows (prefill): gather them
+                layer_k, layer_v = layer_k[rows], layer_v[rows]
+            out = _attention(q, layer_k[:, :, :kv_len], layer_v[:, :, :kv_len], mask, attn.scaling,
                              compiled and seq == 1)
             out = out.transpose(1, 2).reshape(batch, seq, -1)
             hidden = residual + apply_linear(attn.o_proj, out, compiled)
