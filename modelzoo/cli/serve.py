@@ -1,0 +1,270 @@
+"""``modelzoo-serve`` / ``run_server.py``: an OpenAI-compatible HTTP server with continuous batching.
+
+examples:
+  modelzoo-serve --checkpoint runs/llama_tiny                        # the run's newest checkpoint
+  modelzoo-serve --checkpoint DIR --backend inductor --max-batch 16 --port 8080
+  modelzoo-serve --checkpoint DIR --quantize int8 --backend inductor
+  modelzoo-serve --checkpoint DIR --n-chips 2                        # tensor parallel, 2 processes
+  modelzoo-serve --checkpoint BASE --adapter ADAPTER                 # LoRA/DoRA adapter, unmerged
+  modelzoo-serve --checkpoint DIR --api-key secret                   # clients send 'Authorization: Bearer secret'
+
+then:
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (OpenAI v1, streaming
+as server-sent events), PUT /api (Megatron-LM's text-generation server), GET /health, GET /metrics
+(Prometheus). The server binds 127.0.0.1 unless --host says otherwise. SIGTERM or Ctrl-C stops
+taking requests, lets running ones finish (up to --shutdown-timeout), then exits.
+Exit status: 0 after a clean shutdown, 2 bad input (one 'error:' line), 1 the server failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("cpu", "inductor", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("none", "int8")
+
+
+class UsageError(ValueError):
+    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="modelzoo-serve", description=doc[0], epilog=doc[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="HF checkpoint dir (float or pre-quantized int8), a training run's dir (its newest "
+                        "checkpoint; a LoRA run's: its base + adapter), or a preset name (random weights)")
+    p.add_argument("--adapter", metavar="DIR", help="peft LoRA/DoRA adapter dir to run on the base, unmerged")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the adapter's, else the checkpoint's)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint dir's name)")
+    p.add_argument("--backend", choices=BACKENDS, default="cpu", help="cpu: eager; inductor: torch.compile "
+                   "(default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute (default: %(default)s)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help="int8: weight-only, per output channel "
+                   "(default: %(default)s)")
+    p.add_argument("--n-chips", type=int, default=1, help="tensor-parallel degree: processes on this machine, "
+                   "rank 0 serves HTTP (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8, help="KV-cache slots = requests decoded together "
+                   "(default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="positions per slot, prompt + generated; "
+                   "capped at the model's context (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step "
+                   "(default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; beyond it: 503 "
+                   "with Retry-After (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival to the last token; "
+                   "beyond it: 504 (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request bodies above it: 413 "
+                   "(default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("MODELZOO_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 and /api (default: $MODELZOO_API_KEY, or none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish "
+                   "after SIGTERM (default: %(default)s)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                   help="uvicorn's log level; info logs every request (default: %(default)s)")
+    return p
+
+
+@dataclass
+class ServeJob:
+    """What every rank needs to build the same model and engine (picklable)."""
+
+    source: str
+    adapter: str | None
+    tokenizer_dir: str | None
+    dtype: str
+    quantize: str
+    backend: str
+    n_chips: int
+    max_batch: int
+    max_model_len: int
+    prefill_chunk: int
+    max_queue: int
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag in ("n_chips", "max_batch", "max_model_len", "prefill_chunk", "max_queue", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.request_timeout <= 0:
+        raise UsageError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.n_chips > 1 and args.backend != "cpu":
+        raise UsageError(f"--n-chips {args.n_chips} runs on --backend cpu (gloo processes); got --backend {args.backend}")
+    if args.n_chips > 1 and args.quantize != "none":
+        raise UsageError(f"--n-chips {args.n_chips} with int8 weights is not supported; use --n-chips 1")
+
+
+def resolve_job(args: argparse.Namespace) -> ServeJob:
+    """The weights source, adapter and tokenizer behind the flags; every user error is raised here,
+    before weights load or processes start."""
+    from modelzoo.checkpoint.manager import resolve_model_dir
+    from modelzoo.generation.loading import check_adapter, is_prequantized
+    from modelzoo.models.llama import is_preset, load_llama_config
+    from modelzoo.models.llama.parallelize import check_tensor_parallel
+    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
+
+    source = args.checkpoint
+    if not is_preset(source):
+        if not Path(source).exists():
+            raise UsageError(f"--checkpoint {source}: no such directory (and not a preset name)")
+        source = str(resolve_model_dir(source))
+    adapter = str(resolve_adapter_dir(args.adapter)) if args.adapter else None
+    if holds_adapter(source):
+        if adapter:
+            raise UsageError(f"--checkpoint {source} is an adapter and --adapter {adapter} another; give the base "
+                             "model as --checkpoint")
+        adapter, source = source, str(adapter_base(source, f"give the base as --checkpoint BASE --adapter {source}"))
+    if args.n_chips > 1 and is_prequantized(source):
+        raise UsageError(f"--n-chips {args.n_chips} with a pre-quantized int8 checkpoint is not supported")
+    config = load_llama_config(source)
+    if args.n_chips > 1:
+        check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, args.n_chips, source,
+                              config.intermediate_size)
+    if adapter:
+        check_adapter(adapter, source, args.quantize)
+    job = ServeJob(source, adapter, args.tokenizer, args.dtype, args.quantize, args.backend, args.n_chips,
+                   args.max_batch, min(args.max_model_len, int(config.max_position_embeddings)), args.prefill_chunk,
+                   args.max_queue)
+    from modelzoo.generation.tokenizer import check_vocab
+
+    tokenizer, where = load_serving_tokenizer(job)
+    check_vocab(tokenizer, config.vocab_size, where, source)
+    return job
+
+
+def load_serving_tokenizer(job: ServeJob):
+    from modelzoo.generation import ByteTokenizer, load_tokenizer
+    from modelzoo.generation.tokenizer import has_tokenizer
+    from modelzoo.models.llama import is_preset
+
+    if job.tokenizer_dir:
+        return load_tokenizer(job.tokenizer_dir), job.tokenizer_dir
+    if job.adapter and has_tokenizer(job.adapter):
+        return load_tokenizer(job.adapter), job.adapter
+    if is_preset(job.source) and not has_tokenizer(job.source):
+        return ByteTokenizer(), "byte-level stand-in"
+    return load_tokenizer(job.source), job.source
+
+
+def build_engine(job: ServeJob, world_size: int = 1, leader: bool = False):
+    """Load the model (sharded over the process group when ``world_size > 1``) and its engine."""
+    from modelzoo.generation import SlotEngine, load_for_generation
+
+    model = load_for_generation(job.source, dtype=job.dtype, quantize=job.quantize, adapter=job.adapter)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from modelzoo.models.llama.parallelize import parallelize_llama
+
+        parallelize_llama(model, init_device_mesh("cpu", (world_size,)))
+    tokenizer = load_serving_tokenizer(job)[0] if leader or world_size == 1 else None
+    return SlotEngine(model, tokenizer, backend=job.backend, max_batch=job.max_batch,
+                      max_model_len=job.max_model_len, prefill_chunk=job.prefill_chunk, max_queue=job.max_queue,
+                      leader=leader)
+
+
+def _follower(rank: int, world_size: int, store: str, job: ServeJob, parent: int) -> None:
+    """Ranks > 0: make rank 0's forwards until it releases them; die with the server process."""
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    from modelzoo.parallel.launch import PARENT_ENV, loopback_env, watch_parent
+    from modelzoo.parallel.mesh import shutdown_distributed
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop (it releases us)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ.update(loopback_env(), RANK=str(rank), WORLD_SIZE=str(world_size), **{PARENT_ENV: str(parent)})
+    watch_parent()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    build_engine(job, world_size).follow()
+    shutdown_distributed()
+
+
+def serve(args: argparse.Namespace, job: ServeJob) -> int:
+    import multiprocessing as mp
+    import tempfile
+
+    processes, rdzv = [], None
+    if job.n_chips > 1:
+        import torch
+        import torch.distributed as dist
+
+        from modelzoo.parallel.launch import loopback_env
+
+        rdzv = tempfile.TemporaryDirectory(prefix="modelzoo-serve-")
+        store = os.path.join(rdzv.name, "store")
+        context = mp.get_context("spawn")
+        processes = [context.Process(target=_follower, args=(rank, job.n_chips, store, job, os.getpid()), daemon=True)
+                     for rank in range(1, job.n_chips)]
+        for process in processes:
+            process.start()
+        os.environ.update(loopback_env())
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=job.n_chips)
+    print(f"modelzoo-serve: loading {job.source}" + (f" + adapter {job.adapter}" if job.adapter else "")
+          + f" ({job.dtype}, {job.quantize}, backend {job.backend}, {job.n_chips} chip(s))", file=sys.stderr, flush=True)
+    try:
+        return _run_server(args, job)
+    finally:
+        if job.n_chips > 1:
+            from modelzoo.parallel.mesh import shutdown_distributed
+
+            shutdown_distributed()
+            for process in processes:
+                process.join(timeout=30)
+            rdzv.cleanup()
+
+
+def _run_server(args: argparse.Namespace, job: ServeJob) -> int:
+    import uvicorn
+
+    from modelzoo.serving import Server, ServerSettings, create_app
+
+    engine = build_engine(job, job.n_chips, leader=True)
+    name = args.served_model_name or Path(job.source).name
+    settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
+                              max_body_bytes=args.max_body_bytes)
+    server = Server(engine, engine.tokenizer, settings)
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level in ("info", "debug"))
+    print(f"modelzoo-serve: serving '{name}' at http://{args.host}:{args.port}/v1 ({job.max_batch} slots x "
+          f"{engine.cache.max_length} positions; Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
+    ok = uvicorn.Server(config).run()
+    if server.thread.error is not None:
+        print(f"error: the engine failed: {server.thread.error!r}", file=sys.stderr)
+        return 1
+    return 0 if ok is not False else 1
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    _check_args(args)
+    job = resolve_job(args)
+    return serve(args, job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; a user error prints one ``error:`` line and returns 2."""
+    from modelzoo.cli.errors import run_reporting_errors
+
+    return run_reporting_errors(_run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
