@@ -2,8 +2,9 @@
 static batches and ``transformers`` ``generate``, one run.
 
 Model: ``--model`` (``llama_60m``, random weights, seed 0), saved once to a temporary HF dir that
-every server loads by path. Requests: random prompt ids in [3, vocab) (``--prompt-len`` tokens, sent
-as token ids, no tokenizer), greedy, ``ignore_eos`` so that every request generates exactly
+every server loads by path, with a word-level tokenizer of the whole vocabulary (id ``i`` is ``ti``;
+the server wants tokenizer files, and so every token streams as text). Requests: random prompt ids
+in [3, vocab) (``--prompt-len`` tokens, sent as token ids), greedy, ``ignore_eos`` so that every request generates exactly
 ``--new-tokens`` tokens, streamed (server-sent events, usage in the last chunk).
 
 Rows, per level (concurrency / batch C, ``--concurrency``):
@@ -115,7 +116,26 @@ def machine_line(threads: int) -> str:
         pass
     return (f"machine: {cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
             f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
-            f"python {platform.python_version()}")
+            f"python {platform.python_version()}, {load_line()}")
+
+
+def load_line() -> str:
+    """The 1-minute load average: other processes on the machine skew every row."""
+    return f"load average {os.getloadavg()[0]:.1f}"
+
+
+def save_id_tokenizer(out: Path, vocab_size: int) -> None:
+    """A word-level tokenizer covering every id (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, then ``t3``, ``t4``,
+    ...), saved beside the weights: the server needs tokenizer files with a checkpoint dir, and with
+    it every generated token streams as text (the byte-level stand-in decodes most ids to nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<unk>").save_pretrained(str(out))
 
 
 def free_port() -> int:
@@ -184,17 +204,21 @@ class Server:
         if self.proc is not None and self.proc.poll() is not None:
             raise ServerError(f"server died (status {self.proc.returncode}); stderr ({self.err}):\n{tail(self.err)}")
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
+    def stop(self) -> str:
+        """SIGTERM, then SIGKILL after 30 s; returns how it went."""
+        if self.proc is None:
+            return "not started"
+        if self.proc.poll() is not None:
+            return f"had exited with status {self.proc.returncode}"
+        start = time.perf_counter()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            print(f"  (server pid {self.proc.pid} still running 30 s after SIGTERM; killed)", flush=True)
             self.proc.kill()
             self.proc.wait()
+            return f"still running 30 s after SIGTERM: killed (stderr {self.err})"
+        return f"stopped by SIGTERM in {time.perf_counter() - start:.1f} s, exit status {self.proc.returncode}"
 
 
 # ------------------------------------------------------------------------------------------ client
@@ -428,11 +452,13 @@ def main() -> None:
         print(f"note: concurrency {max(levels_c)} > --max-batch {args.max_batch}: requests queue in the server")
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     from modelzoo.generation import quantize_for_generation_
     from modelzoo.models.llama import from_pretrained
 
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
     print(machine_line(args.threads))
     fp32 = from_pretrained(args.model, patch=False, seed=0)
     fp32.generation_config.eos_token_id = 2
@@ -453,6 +479,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         checkpoint = Path(tmp) / "model"
         fp32.save_pretrained(str(checkpoint))
+        save_id_tokenizer(checkpoint, vocab)
         if args.baselines:
             rows += hf_rows(fp32, levels, args.new_tokens)
         for backend, dtype in cases:
@@ -474,7 +501,7 @@ def main() -> None:
                 errors.append(f"server {backend} {dtype}: {err}")
                 print(f"  server {backend} {dtype}: FAILED: {err}", flush=True)
             finally:
-                server.stop()
+                print(f"  server {backend} {dtype}: {server.stop()}", flush=True)
 
     def find(kind: str, level: int, backend: str | None = None, dtype: str | None = None) -> Row | None:
         return next((r for r in rows if r.kind == kind and r.level == level
@@ -500,6 +527,7 @@ def main() -> None:
     for error in errors:
         print(f"error: {error}")
 
+    print(f"end: {load_line()} (the run's own processes included)")
     print("targets:")
     for backend, dtype in cases:
         s8, s1 = find("server", 8, backend, dtype), find("server", 1, backend, dtype)
