@@ -245,11 +245,36 @@ def _run_server(args: argparse.Namespace, job: ServeJob) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level in ("info", "debug"))
     print(f"modelzoo-serve: serving '{name}' at http://{args.host}:{args.port}/v1 ({job.max_batch} slots x "
           f"{engine.cache.max_length} positions; Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
-    ok = uvicorn.Server(config).run()
+    http = _graceful_server(config)
+    http.run()
     if server.thread.error is not None:
         print(f"error: the engine failed: {server.thread.error!r}", file=sys.stderr)
         return 1
-    return 0 if ok is not False else 1
+    if not http.started:
+        return 1
+    print("modelzoo-serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _graceful_server(config):
+    """uvicorn's server, but a SIGTERM/SIGINT it has shut down for gracefully ends the process with
+    status 0 (uvicorn re-raises the signal after its shutdown, which would end it as killed)."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer(config)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -453,14 +453,15 @@ class SlotEngine:
         request = slot.request
         try:
             logits = logits.float()[None]
+            logp = torch.log_softmax(logits[0], dim=-1) if request.logprobs is not None else None  # raw model
             if len(slot.state.token_ids) < request.min_tokens and slot.checker.eos:
+                logits = logits.clone()
                 logits[0, list(slot.checker.eos)] = float("-inf")
             seen = slot.seen[None] if slot.seen is not None else None
             generators = [slot.generator] if slot.generator is not None else None
             token = int(choose_next(logits, request.sampling, seen, generators)[0])
             logprob, top = None, None
-            if request.logprobs is not None:
-                logp = torch.log_softmax(logits[0], dim=-1)
+            if logp is not None:
                 logprob = float(logp[token])
                 if request.logprobs > 0:
                     values, ids = torch.topk(logp, request.logprobs)
