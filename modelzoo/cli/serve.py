@@ -277,18 +277,22 @@ def _graceful_server(config):
     return GracefulServer(config)
 
 
-def _run(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
-    _check_args(args)
-    job = resolve_job(args)
-    return serve(args, job)
+def _run(args: argparse.Namespace) -> int:
+    return serve(args, resolve_job(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; a user error prints one ``error:`` line and returns 2."""
+    """Console entry point; a user error prints one ``error:`` line and returns 2. ``--help`` and
+    flag errors answer before torch is imported."""
+    args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from modelzoo.cli.errors import run_reporting_errors
 
-    return run_reporting_errors(_run, argv)
+    return run_reporting_errors(_run, args)
 
 
 if __name__ == "__main__":
