@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
+        import importlib.util
+
+        missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"modelzoo-serve needs {', '.join(missing)}: pip install 'modelzoo[serve]'")
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
