@@ -303,3 +303,12 @@ def test_usage_errors_answer_fast_with_one_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"error: --checkpoint {tmp_path / 'missing'}: no such directory (and not a preset name)"]
+
+
+def test_the_serve_command_imports_no_torch_before_parsing():
+    import subprocess
+    import sys
+
+    code = "import sys, modelzoo.cli.serve; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
