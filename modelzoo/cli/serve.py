@@ -240,13 +240,13 @@ def _run_server(args: argparse.Namespace, job: ServeJob) -> int:
     name = args.served_model_name or Path(job.source).name
     settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
                               max_body_bytes=args.max_body_bytes)
-    server = Server(engine, engine.tokenizer, settings)
+    server = Server(engine, engine.tokenizer, settings, own_thread=False)
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level in ("info", "debug"))
     print(f"modelzoo-serve: serving '{name}' at http://{args.host}:{args.port}/v1 ({job.max_batch} slots x "
           f"{engine.cache.max_length} positions; Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
-    http = _graceful_server(config)
-    http.run()
+    http = uvicorn.Server(config)
+    run_http_beside_engine(http, server.thread)
     if server.thread.error is not None:
         print(f"error: the engine failed: {server.thread.error!r}", file=sys.stderr)
         return 1
@@ -256,25 +256,29 @@ def _run_server(args: argparse.Namespace, job: ServeJob) -> int:
     return 0
 
 
-def _graceful_server(config):
-    """uvicorn's server, but a SIGTERM/SIGINT it has shut down for gracefully ends the process with
-    status 0 (uvicorn re-raises the signal after its shutdown, which would end it as killed)."""
-    import contextlib
+def run_http_beside_engine(http, engine_loop) -> None:
+    """uvicorn in a thread, the engine stepped on this (main) thread (see ``EngineThread``).
+    SIGTERM/SIGINT ask uvicorn to shut down gracefully (a second SIGINT forces it); when its thread
+    ends (after the app's shutdown stopped the engine loop), this returns."""
     import signal
+    import threading
 
-    import uvicorn
+    def ask_exit(signum, frame):
+        if http.should_exit and signum == signal.SIGINT:
+            http.force_exit = True
+        http.should_exit = True
 
-    class GracefulServer(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in originals.items():
-                    signal.signal(sig, handler)
-
-    return GracefulServer(config)
+    originals = {sig: signal.signal(sig, ask_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http.run, name="modelzoo-http", daemon=True)
+    watcher = threading.Thread(target=lambda: (thread.join(), engine_loop.stop(drain=False)), daemon=True)
+    try:
+        thread.start()
+        watcher.start()
+        engine_loop.run()
+        thread.join()
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -73,8 +73,11 @@ class ClientGone(Exception):
 class Server:
     """The engine thread, the tokenizer and the metrics one app serves."""
 
-    def __init__(self, engine: SlotEngine, tokenizer, settings: ServerSettings) -> None:
+    def __init__(self, engine: SlotEngine, tokenizer, settings: ServerSettings, own_thread: bool = True) -> None:
+        """``own_thread``: the app steps the engine in a background thread while it runs; False when
+        the caller steps it (``server.thread.run()`` on the main thread, as ``modelzoo-serve`` does)."""
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        self.own_thread = own_thread
         self.thread = EngineThread(engine)
         self.metrics = ServerMetrics(lambda: engine.waiting, lambda: engine.running)
         self.created = int(time.time())
@@ -480,7 +483,8 @@ def create_app(server: Server):
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.thread.start()
+        if server.own_thread:
+            server.thread.start()
         try:
             yield
         finally:
