@@ -11,13 +11,17 @@ Rows, per level (concurrency / batch C, ``--concurrency``):
 
 - ``server``: ``python -m modelzoo.cli.serve`` as a subprocess, one per (backend, dtype) case
   (``--backends``, ``--dtypes``), ``--max-batch`` slots, on 127.0.0.1. C clients
-  (``httpx.AsyncClient``, one process, loopback) send requests back to back until max(2C, 4)
-  requests are done (closed loop). Not timed: one warm-up request per level and, on a compiled
-  backend, a warm-up wave of C requests (compilation). Per request: TTFT = send to the first chunk
-  carrying a token, latency = send to the end of the stream, TPOT = (latency - TTFT) / (completion
-  tokens - 1). ``tok/s`` = completion tokens (from usage) of the level / its wall time; TTFT and
-  TPOT p50/p99 (nearest rank); ``ok n/N``: requests that ended with exactly ``--new-tokens`` tokens
-  (the others are printed);
+  (``httpx.AsyncClient``, one process, loopback) send requests back to back until max(3C, 4)
+  requests are done (closed loop). Client ``i`` starts ``i x L / C`` late (``L``: the median
+  latency at C=1), so the steady state is measured rather than lockstep waves of C equal requests
+  arriving together (``--no-stagger``: all at once; every one of a wave then waits for the wave's
+  prompts to be prefilled, a compute-bound ~C x the single TTFT on a CPU). Not timed: one warm-up
+  request per level and, on a compiled backend, a warm-up wave of C requests (compilation). Per
+  request: TTFT = send to the first chunk carrying a token, latency = send to the end of the
+  stream, TPOT = (latency - TTFT) / (completion tokens - 1). ``tok/s`` is the steady state: tokens
+  streamed while all C clients had a request in flight, over that window (the whole run's rate,
+  ramp-up and -down included, follows in brackets); TTFT and TPOT p50/p99 (nearest rank);
+  ``ok n/N``: requests that ended with exactly ``--new-tokens`` tokens (the others are printed);
 - ``static``: :class:`modelzoo.generation.Generator` (``batch_size=C``, EOS off) over the level's
   prompts, same backend, same weights (int8: a copy through
   :func:`~modelzoo.generation.quantize_for_generation_`); ``tok/s`` = tokens / wall time of
@@ -47,6 +51,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +71,8 @@ class RequestResult:
     ttft_s: float | None = None
     tokens: int | None = None
     error: str | None = None
+    start: float = 0.0  # perf_counter at the send
+    token_times: list[float] = field(default_factory=list)  # perf_counter of each chunk carrying text
 
     @property
     def tpot_s(self) -> float | None:
@@ -88,6 +95,7 @@ class Row:
     ok: int = 0
     total: int = 0
     failures: list[str] = field(default_factory=list)
+    overall_tok_s: float | None = None  # server rows: tokens / whole wall time, ramp-up and -down included
 
 
 class ServerError(RuntimeError):
@@ -236,6 +244,7 @@ async def stream_completion(client, url: str, model: str | None, prompt: list[in
     start = time.perf_counter()
     ttft = usage = None
     done = False
+    token_times: list[float] = []
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
@@ -256,11 +265,13 @@ async def stream_completion(client, url: str, model: str | None, prompt: list[in
                 if ttft is None and any(c.get("text") or c.get("finish_reason") is None
                                         for c in chunk.get("choices") or []):
                     ttft = time.perf_counter() - start
+                if any(c.get("text") for c in chunk.get("choices") or []):
+                    token_times.append(time.perf_counter())
                 if chunk.get("usage"):
                     usage = chunk["usage"]
     except (httpx.HTTPError, ValueError) as err:
         return RequestResult(time.perf_counter() - start, ttft, error=f"{type(err).__name__}: {err}")
-    result = RequestResult(time.perf_counter() - start, ttft)
+    result = RequestResult(time.perf_counter() - start, ttft, start=start, token_times=token_times)
     if usage is not None:
         result.tokens = usage.get("completion_tokens")
     if not done:
@@ -275,9 +286,13 @@ async def stream_completion(client, url: str, model: str | None, prompt: list[in
 
 
 async def closed_loop(base: str, model: str | None, prompts: list[list[int]], concurrency: int,
-                      new_tokens: int, timeout_s: float) -> tuple[list[RequestResult], float]:
-    """``concurrency`` clients sending ``prompts`` back to back; returns the results (in prompt order)
-    and the wall time from the first send to the last end."""
+                      new_tokens: int, timeout_s: float, stagger_s: float = 0.0
+                      ) -> tuple[list[RequestResult], float, float | None]:
+    """``concurrency`` clients sending ``prompts`` back to back; returns the results (in prompt order),
+    the wall time from the first send to the last end, and the steady-state output tokens/s: tokens
+    streamed while every client had a request in flight (from the last client's first send to the
+    first client's last end; None when that window is empty). Client ``i`` starts ``i * stagger_s``
+    late, so equal-length requests do not arrive (and finish) in lockstep waves."""
     import httpx
 
     results: list[RequestResult | None] = [None] * len(prompts)
@@ -287,35 +302,54 @@ async def closed_loop(base: str, model: str | None, prompts: list[list[int]], co
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
         url = base + "/v1/completions"
 
-        async def user() -> None:
+        spans: list[tuple[float, float]] = []
+
+        async def user(number: int) -> None:
+            await asyncio.sleep(number * stagger_s)
+            first = None
             for index in order:
                 results[index] = await stream_completion(client, url, model, prompts[index], new_tokens)
+                first = results[index].start if first is None else first
+            if first is not None:
+                spans.append((first, time.perf_counter()))
 
         start = time.perf_counter()
-        await asyncio.gather(*(user() for _ in range(concurrency)))
+        await asyncio.gather(*(user(number) for number in range(concurrency)))
         wall = time.perf_counter() - start
-    return results, wall
+    steady = None
+    if len(spans) == concurrency:
+        begin, end = max(s for s, _ in spans), min(e for _, e in spans)
+        if end > begin:
+            tokens = sum(begin <= t <= end for r in results for t in r.token_times)
+            steady = tokens / (end - begin)
+    return results, wall, steady
 
 
 def server_rows(server: Server, backend: str, dtype: str, levels: dict[int, list[list[int]]],
-                warmup: dict[int, list[list[int]]], new_tokens: int, timeout_s: float) -> list[Row]:
-    rows = []
+                warmup: dict[int, list[list[int]]], new_tokens: int, timeout_s: float,
+                stagger_clients: bool = True) -> list[Row]:
+    rows, single_latency = [], 0.0
     for level, prompts in levels.items():
         warm = warmup[level][:1] if backend not in COMPILED_BACKENDS else warmup[level]
         for batch in ([warm[:1], warm] if len(warm) > 1 else [warm]):
-            results, wall = asyncio.run(closed_loop(server.base, server.model_name, batch, len(batch),
-                                                    new_tokens, timeout_s))
+            results, wall, _ = asyncio.run(closed_loop(server.base, server.model_name, batch, len(batch),
+                                                       new_tokens, timeout_s))
             bad = [r.error for r in results if r.error]
             if bad:
-                print(f"  (warm-up at c={len(batch)}: {len(bad)} failed, first: {bad[0]})", flush=True)
+                print(f"  (warm-up for c={level}, {len(batch)} request(s): {len(bad)} failed, first: {bad[0]})",
+                      flush=True)
             if wall > 20:
-                print(f"  (warm-up of server {backend} {dtype} c={len(batch)}: {wall:.0f} s)", flush=True)
+                print(f"  (warm-up of server {backend} {dtype} for c={level}, {len(batch)} request(s) at once: "
+                      f"{wall:.0f} s)", flush=True)
         server.check_alive()
-        results, wall = asyncio.run(closed_loop(server.base, server.model_name, prompts, level, new_tokens,
-                                                timeout_s))
+        stagger = single_latency / level if stagger_clients else 0.0
+        results, wall, steady = asyncio.run(closed_loop(server.base, server.model_name, prompts, level,
+                                                        new_tokens, timeout_s, stagger))
         server.check_alive()
-        row = Row("server", backend, dtype, level, sum(r.tokens or 0 for r in results) / wall,
-                  total=len(results))
+        if level == 1:
+            single_latency = statistics.median(r.latency_s for r in results)
+        overall = sum(r.tokens or 0 for r in results) / wall
+        row = Row("server", backend, dtype, level, steady or overall, total=len(results), overall_tok_s=overall)
         for index, r in enumerate(results):
             if r.error is None:
                 row.ok += 1
@@ -325,7 +359,8 @@ def server_rows(server: Server, backend: str, dtype: str, levels: dict[int, list
             else:
                 row.failures.append(f"request {index}: {r.error} (after {r.latency_s:.2f} s)")
         rows.append(row)
-        print(f"  server {backend} {dtype} c={level}: {len(prompts)} requests in {wall:.1f} s", flush=True)
+        print(f"  server {backend} {dtype} c={level}: {len(prompts)} requests in {wall:.1f} s"
+              + (f" (clients started {1e3 * stagger:.0f} ms apart)" if stagger else ""), flush=True)
     return rows
 
 
@@ -415,6 +450,8 @@ def fmt_row(row: Row, hf: Row | None, static: Row | None) -> str:
             line += f"  x{row.tok_s / static.tok_s:5.2f} vs static b={row.level}"
     if row.kind != "hf":
         line += f"  ok {row.ok}/{row.total}"
+    if row.overall_tok_s is not None:
+        line += f"  (whole run {row.overall_tok_s:.1f} tok/s)"
     return line
 
 
@@ -433,13 +470,16 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="server slots (--max-batch), all levels")
     parser.add_argument("--max-model-len", type=int, default=512, help="server --max-model-len")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: C requests per level instead of max(2C, 4); levels 1 8, fp32, cpu")
+                        help="smoke test: C requests per level instead of max(3C, 4); levels 1 8, fp32, cpu")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="server rows only (no static / hf rows, no x columns or throughput targets)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads here and OMP_NUM_THREADS of the servers")
     parser.add_argument("--startup-timeout", type=float, default=300, help="seconds for GET /health to answer 200")
     parser.add_argument("--request-timeout", type=float, default=600, help="seconds per request")
+    parser.add_argument("--no-stagger", dest="stagger", action="store_false",
+                        help="start all C clients at once (a burst of C prompts to prefill) instead of spreading "
+                             "their starts over one single-request latency (the c=1 median)")
     parser.add_argument("--server-module", default="modelzoo.cli.serve", help="run as python -m MODULE")
     args = parser.parse_args()
     levels_c = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
@@ -466,12 +506,12 @@ def main() -> None:
     n_params = sum(p.numel() for p in fp32.parameters())
     print(f"bench_serving: {args.model} ({n_params / 1e6:.1f}M params, random weights), prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, greedy, ignore_eos, server --max-batch {args.max_batch}, "
-          f"{'C' if args.quick else 'max(2C, 4)'} requests per level", flush=True)
+          f"{'C' if args.quick else 'max(3C, 4)'} requests per level", flush=True)
 
     def prompts(n: int, seed: int) -> list[list[int]]:
         return torch.randint(3, vocab, (n, args.prompt_len), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    levels = {c: prompts(c if args.quick else max(2 * c, 4), c) for c in levels_c}
+    levels = {c: prompts(c if args.quick else max(3 * c, 4), c) for c in levels_c}
     warmup = {c: prompts(c, 10_000 + c) for c in levels_c}
     cases = [(backend, dtype) for backend in backends for dtype in dtypes]
     rows: list[Row] = []
@@ -496,7 +536,8 @@ def main() -> None:
                 ready = server.start(args.startup_timeout)
                 print(f"  server {backend} {dtype}: ready in {ready:.1f} s on port {server.port}"
                       f" (model {server.model_name!r})", flush=True)
-                rows += server_rows(server, backend, dtype, levels, warmup, args.new_tokens, args.request_timeout)
+                rows += server_rows(server, backend, dtype, levels, warmup, args.new_tokens, args.request_timeout,
+                                    args.stagger)
             except ServerError as err:
                 errors.append(f"server {backend} {dtype}: {err}")
                 print(f"  server {backend} {dtype}: FAILED: {err}", flush=True)
