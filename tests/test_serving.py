@@ -312,3 +312,17 @@ def test_the_serve_command_imports_no_torch_before_parsing():
     code = "import sys, modelzoo.cli.serve; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_request_past_its_timeout_gets_504_and_frees_its_slot(checkpoint, tmp_path):
+    proc = ServerProcess(checkpoint[0], "--max-batch", "1", "--max-model-len", "8192", "--request-timeout", "1",
+                         log=tmp_path / "timeout.log")
+    try:
+        out = httpx.post(f"{proc.url}/v1/completions", json=_long(tokens=8000, stream=False), timeout=60)
+        assert out.status_code == 504 and out.json()["error"]["code"] == "timeout"
+        assert "within 1 s" in out.json()["error"]["message"]
+        assert proc.wait_health(lambda h: h["running"] == 0)["running"] == 0
+        after = httpx.post(f"{proc.url}/v1/completions", json=_long(tokens=4, stream=False), timeout=30)
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
+    finally:
+        assert proc.stop() == 0, proc.output()
