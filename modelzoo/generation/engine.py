@@ -22,7 +22,6 @@ from modelzoo.backends import Backend
 
 from .sampling import SamplingParams
 from .scheduler import (
-    CACHE_ROUND,
     FINISH_ABORT,
     FINISH_ERROR,
     EngineRequest,
@@ -37,7 +36,7 @@ from .telemetry import BatchTimes, Telemetry
 #: ``on_text(index, piece, done)``: streamed text of request ``index``; ``done`` on its last piece.
 TextCallback = Callable[[int, str, bool], None]
 
-__all__ = ["CACHE_ROUND", "Completion", "GenerationError", "Generator", "TextCallback", "encode_prompts", "eos_ids",
+__all__ = ["Completion", "GenerationError", "Generator", "TextCallback", "encode_prompts", "eos_ids",
            "validate_requests"]
 
 

@@ -251,7 +251,6 @@ class SlotEngine:
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.leader = leader and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.last_step = StepStats()
         self._decode_text = ((lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
                              if tokenizer is not None else None)
 
@@ -356,7 +355,6 @@ class SlotEngine:
             if slot is not None and slot.state.done:
                 self._finish(row, slot.state.finish_reason)
                 stats.finished += 1
-        self.last_step = stats
         return stats
 
     def run_until_idle(self) -> None:
@@ -586,8 +584,8 @@ class EngineThread:
     what is left is aborted); ``stop(drain=False)`` aborts them at the next step.
     """
 
-    def __init__(self, engine: SlotEngine, on_step: Callable[[StepStats], None] | None = None) -> None:
-        self.engine, self.on_step = engine, on_step
+    def __init__(self, engine: SlotEngine) -> None:
+        self.engine = engine
         self._stopping = False
         self._running = threading.Event()
         self._finished = threading.Event()
@@ -617,9 +615,7 @@ class EngineThread:
                         engine.work.wait(timeout=0.5)
                     if self._stopping and not (engine.queue or any(s is not None for s in engine.slots)):
                         break
-                stats = engine.step()
-                if self.on_step is not None:
-                    self.on_step(stats)
+                engine.step()
         except BaseException as err:  # noqa: BLE001 - reported by stop() and the health check
             self.error = err
             engine.abort_all(f"engine failed: {type(err).__name__}: {err}")
