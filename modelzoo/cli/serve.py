@@ -27,13 +27,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelzoo.cli.model_source import UsageError
+
 BACKENDS = ("cpu", "inductor", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8")
-
-
-class UsageError(ValueError):
-    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,60 +101,24 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--request-timeout must be > 0, got {args.request_timeout}")
     if args.n_chips > 1 and args.backend != "cpu":
         raise UsageError(f"--n-chips {args.n_chips} runs on --backend cpu (gloo processes); got --backend {args.backend}")
-    if args.n_chips > 1 and args.quantize != "none":
-        raise UsageError(f"--n-chips {args.n_chips} with int8 weights is not supported; use --n-chips 1")
 
 
 def resolve_job(args: argparse.Namespace) -> ServeJob:
     """The weights source, adapter and tokenizer behind the flags; every user error is raised here,
     before weights load or processes start."""
-    from modelzoo.checkpoint.manager import resolve_model_dir
-    from modelzoo.generation.loading import check_adapter, is_prequantized
-    from modelzoo.models.llama import is_preset, load_llama_config
-    from modelzoo.models.llama.parallelize import check_tensor_parallel
-    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
+    from modelzoo.cli.model_source import resolve_model_source
 
-    source = args.checkpoint
-    if not is_preset(source):
-        if not Path(source).exists():
-            raise UsageError(f"--checkpoint {source}: no such directory (and not a preset name)")
-        source = str(resolve_model_dir(source))
-    adapter = str(resolve_adapter_dir(args.adapter)) if args.adapter else None
-    if holds_adapter(source):
-        if adapter:
-            raise UsageError(f"--checkpoint {source} is an adapter and --adapter {adapter} another; give the base "
-                             "model as --checkpoint")
-        adapter, source = source, str(adapter_base(source, f"give the base as --checkpoint BASE --adapter {source}"))
-    if args.n_chips > 1 and is_prequantized(source):
-        raise UsageError(f"--n-chips {args.n_chips} with a pre-quantized int8 checkpoint is not supported")
-    config = load_llama_config(source)
-    if args.n_chips > 1:
-        check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, args.n_chips, source,
-                              config.intermediate_size)
-    if adapter:
-        check_adapter(adapter, source, args.quantize)
-    job = ServeJob(source, adapter, args.tokenizer, args.dtype, args.quantize, args.backend, args.n_chips,
-                   args.max_batch, min(args.max_model_len, int(config.max_position_embeddings)), args.prefill_chunk,
-                   args.max_queue)
-    from modelzoo.generation.tokenizer import check_vocab
-
-    tokenizer, where = load_serving_tokenizer(job)
-    check_vocab(tokenizer, config.vocab_size, where, source)
-    return job
+    found, config = resolve_model_source(args.checkpoint, args.adapter, args.tokenizer, n_chips=args.n_chips,
+                                         quantize=args.quantize)
+    return ServeJob(found.source, found.adapter, found.tokenizer_dir, args.dtype, args.quantize, args.backend,
+                    args.n_chips, args.max_batch, min(args.max_model_len, int(config.max_position_embeddings)),
+                    args.prefill_chunk, args.max_queue)
 
 
 def load_serving_tokenizer(job: ServeJob):
-    from modelzoo.generation import ByteTokenizer, load_tokenizer
-    from modelzoo.generation.tokenizer import has_tokenizer
-    from modelzoo.models.llama import is_preset
+    from modelzoo.cli.model_source import ModelSource, load_source_tokenizer
 
-    if job.tokenizer_dir:
-        return load_tokenizer(job.tokenizer_dir), job.tokenizer_dir
-    if job.adapter and has_tokenizer(job.adapter):
-        return load_tokenizer(job.adapter), job.adapter
-    if is_preset(job.source) and not has_tokenizer(job.source):
-        return ByteTokenizer(), "byte-level stand-in"
-    return load_tokenizer(job.source), job.source
+    return load_source_tokenizer(ModelSource(job.source, job.adapter, job.tokenizer_dir))
 
 
 def build_engine(job: ServeJob, world_size: int = 1, leader: bool = False):
