@@ -102,6 +102,7 @@ def main() -> None:
     import lm_eval
     import numpy as np
     import torch
+    from bench_serving import machine_line, save_id_tokenizer
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -110,8 +111,6 @@ def main() -> None:
     from modelzoo.eval.tasks import dataset_loss
     from modelzoo.generation import load_for_generation
     from modelzoo.models.llama import from_pretrained, patch_llama
-
-    from bench_serving import machine_line, save_id_tokenizer
 
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads))
@@ -139,7 +138,7 @@ def main() -> None:
             order = [("hf", hf), ("modelzoo", ours)]
             for name, lm in (order if round_ % 2 == 0 else order[::-1]):
                 before = ours.scorer.tokens_run
-                results, seconds = timed(lambda lm=lm: lm_eval.simple_evaluate(
+                results, seconds = timed(lambda lm=lm, task=task: lm_eval.simple_evaluate(
                     model=lm, tasks=[task], task_manager=manager, verbosity="ERROR"))
                 if name == "modelzoo":
                     tokens = ours.scorer.tokens_run - before

@@ -256,3 +256,24 @@ def test_the_eval_command_answers_help_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "wikitext" in proc.stdout and "lm-eval" in proc.stdout
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_an_adapter_is_evaluated_as_stock_peft_runs_it(tmp_path, capsys):
+    from helpers.peft_fixtures import save_base, save_stock_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = save_base(tmp_path / "base")
+    adapter = save_stock_adapter(base, tmp_path / "adapter", base_path=str(base))
+    text = _text(20)
+    (tmp_path / "wiki.txt").write_text(text)
+    flags = ["wikitext", "--input", str(tmp_path / "wiki.txt"), "--seq-length", "16"]
+    with_adapter = _report(capsys, tmp_path, *flags, "--checkpoint", str(base), "--adapter", str(adapter))
+    alone = _report(capsys, tmp_path, *flags, "--checkpoint", str(base))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    tokens = AutoTokenizer.from_pretrained(str(base)).encode(text, add_special_tokens=False)
+    total, count = _hf_window_losses(reference, tokens, 16, 16)
+    assert with_adapter["metrics"]["token_loss"] == pytest.approx(total / count, abs=1e-5)
+    assert alone["metrics"]["token_loss"] != pytest.approx(total / count, abs=1e-3)
+    assert with_adapter["checkpoint"]["adapter"] == str(adapter)

@@ -43,15 +43,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelzoo.cli.model_source import ModelSource, UsageError
+if TYPE_CHECKING:  # torch comes with modelzoo.generation: imported after parsing
+    from modelzoo.generation.source import ModelSource
 
 BACKENDS = ("cpu", "inductor", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8")
 SPLITS = ("dev", "train")
 EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class UsageError(ValueError):
+    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -199,7 +204,7 @@ def _training_settings(source: str) -> tuple[dict[str, Any], float | None]:
 def resolve_job(args: argparse.Namespace) -> EvalJob:
     """Every check that needs no weights: the checkpoint, adapter, tokenizer, TP split and the
     task's input, so bad input fails before weights load or processes start."""
-    from modelzoo.cli.model_source import resolve_model_source
+    from modelzoo.generation.source import resolve_model_source
 
     begin = time.perf_counter()
     found, config = resolve_model_source(args.checkpoint, args.adapter, args.tokenizer, n_chips=args.n_chips,
@@ -309,8 +314,8 @@ class _Bar:
 
 def evaluate(job: EvalJob, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Load, evaluate, and (rank 0) print the summary and write the JSON; returns the report."""
-    from modelzoo.cli.model_source import load_source_tokenizer
     from modelzoo.eval.scoring import Scorer
+    from modelzoo.generation.source import load_source_tokenizer
 
     a, main_rank = job.a, rank == 0
     progress = a.progress and main_rank

@@ -27,11 +27,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelzoo.cli.model_source import UsageError
-
 BACKENDS = ("cpu", "inductor", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8")
+
+
+class UsageError(ValueError):
+    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +108,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def resolve_job(args: argparse.Namespace) -> ServeJob:
     """The weights source, adapter and tokenizer behind the flags; every user error is raised here,
     before weights load or processes start."""
-    from modelzoo.cli.model_source import resolve_model_source
+    from modelzoo.generation.source import resolve_model_source
 
     found, config = resolve_model_source(args.checkpoint, args.adapter, args.tokenizer, n_chips=args.n_chips,
                                          quantize=args.quantize)
@@ -116,7 +118,7 @@ def resolve_job(args: argparse.Namespace) -> ServeJob:
 
 
 def load_serving_tokenizer(job: ServeJob):
-    from modelzoo.cli.model_source import ModelSource, load_source_tokenizer
+    from modelzoo.generation.source import ModelSource, load_source_tokenizer
 
     return load_source_tokenizer(ModelSource(job.source, job.adapter, job.tokenizer_dir))
 

@@ -87,8 +87,8 @@ class ModelzooLM(TemplateLM):
 
     @staticmethod
     def _load(checkpoint: str | None, adapter: str | None, tokenizer: str | None, dtype: str, quantize: str):
-        from modelzoo.cli.model_source import load_source_tokenizer, resolve_model_source
         from modelzoo.generation import load_for_generation
+        from modelzoo.generation.source import load_source_tokenizer, resolve_model_source
 
         if not checkpoint:
             raise ValueError("the modelzoo backend needs model_args checkpoint=DIR (an HF dir, a training run, "

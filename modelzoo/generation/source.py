@@ -3,8 +3,8 @@ means, for the commands that run a model (``modelzoo-serve``, ``modelzoo-eval``)
 
 ``--checkpoint`` is an HF dir (float or pre-quantized int8), a training run's dir or checkpoints dir
 (its newest checkpoint), a LoRA run's (its base + its newest adapter), or a preset name (random
-weights). Every user error is raised here as :class:`UsageError` (one line), before weights load or
-processes start.
+weights). Every user error is raised here as :class:`ModelSourceError` (one line), before weights
+load or processes start.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class UsageError(ValueError):
-    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
+class ModelSourceError(ValueError):
+    """A ``--checkpoint`` / ``--adapter`` that cannot be used; one line naming it and the fix."""
 
 
 @dataclass
@@ -41,16 +41,16 @@ def resolve_model_source(checkpoint: str, adapter: str | None, tokenizer_dir: st
     source = checkpoint
     if not is_preset(source):
         if not Path(source).exists():
-            raise UsageError(f"--checkpoint {source}: no such directory (and not a preset name)")
+            raise ModelSourceError(f"--checkpoint {source}: no such directory (and not a preset name)")
         source = str(resolve_model_dir(source))
     adapter = str(resolve_adapter_dir(adapter)) if adapter else None
     if holds_adapter(source):
         if adapter:
-            raise UsageError(f"--checkpoint {source} is an adapter and --adapter {adapter} another; give the base "
+            raise ModelSourceError(f"--checkpoint {source} is an adapter and --adapter {adapter} another; give the base "
                              "model as --checkpoint")
         adapter, source = source, str(adapter_base(source, f"give the base as --checkpoint BASE --adapter {source}"))
     if n_chips > 1 and (quantize != "none" or is_prequantized(source)):
-        raise UsageError(f"--n-chips {n_chips} with int8 weights is not supported; use a float checkpoint and no "
+        raise ModelSourceError(f"--n-chips {n_chips} with int8 weights is not supported; use a float checkpoint and no "
                          "--quantize, or --n-chips 1")
     config = load_llama_config(source)
     if n_chips > 1:
