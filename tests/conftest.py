@@ -42,6 +42,24 @@ def llama_like_tok(tmp_path_factory):
     return tokenizer_path(tmp_path_factory, "llama")
 
 
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """The synthetic training dataset (4 files of 16 rows) of the training and LoRA tests and of
+    their spawned runs."""
+    from synthetic_data import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("ds") / "data", n_train_files=4, rows_per_file=16)
+
+
+@pytest.fixture(scope="session")
+def spawn_batch(request, tmp_path_factory, train_data):
+    """The session's spawned gloo cases, one ``spawn_cpu`` per process count (helpers/spawn_batch.py);
+    a module's ``spawned`` fixture is ``functools.partial(spawn_batch, __name__)``."""
+    from helpers.spawn_batch import SpawnBatch
+
+    return SpawnBatch(tmp_path_factory.mktemp("spawned"), request.session, {"train_data": train_data})
+
+
 @pytest.fixture(autouse=True)
 def _no_patch_env(monkeypatch):
     """Tests choose patches explicitly; a developer's MODELZOO_PATCHES must not leak in."""

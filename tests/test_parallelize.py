@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import stock_model
+from helpers.spawn_batch import Case, register
 from torch.testing import assert_close
 
 from modelzoo.config import ConfigError
@@ -19,7 +22,6 @@ from modelzoo.models.llama.parallelize import (
     tp_layout,
     unshard_tensors,
 )
-from modelzoo.parallel.mesh import spawn_cpu
 
 
 def _inputs(vocab: int):
@@ -30,7 +32,7 @@ def _inputs(vocab: int):
     return ids, types
 
 
-def _tp_worker(rank, world_size, preset, out_dir):
+def _tp_worker(rank, world_size, out_dir, preset):
     from torch.distributed.device_mesh import init_device_mesh
 
     model = patch_llama(stock_model(preset))
@@ -42,20 +44,34 @@ def _tp_worker(rank, world_size, preset, out_dir):
     torch.save({"logits": out.logits, "loss": out.loss, "kv_mode": layout.kv_mode}, f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize(("preset", "n_chips", "kv_mode"), [
+TP_CASES = [
     ("llama2_tiny", 2, "shard"),
     ("llama2_tiny", 4, "shard"),
     ("llama3_tiny", 4, "replicate"),   # 2 KV heads over 4 chips
     ("llama3_2_tiny", 2, "shard"),     # tied embeddings stay replicated
-])
-def test_tp_matches_single_process(tmp_path, preset, n_chips, kv_mode):
+]
+
+
+# the TP runs are spawned with the session's other runs of as many processes (helpers/spawn_batch.py)
+register(__name__, lambda inputs: {
+    f"{preset}-tp{n_chips}": Case(n_chips, _tp_worker, (preset,), tests=("test_tp_matches_single_process",))
+    for preset, n_chips, _ in TP_CASES})
+
+
+@pytest.fixture(scope="module")
+def spawned(spawn_batch):
+    return functools.partial(spawn_batch, __name__)
+
+
+@pytest.mark.parametrize(("preset", "n_chips", "kv_mode"), TP_CASES)
+def test_tp_matches_single_process(spawned, preset, n_chips, kv_mode):
     reference = patch_llama(stock_model(preset))
     ids, types = _inputs(reference.config.vocab_size)
     with torch.no_grad():
         want = reference(ids, token_type_ids=types)
-    spawn_cpu(_tp_worker, n_chips, preset, str(tmp_path))
+    out = spawned(f"{preset}-tp{n_chips}")
     for rank in range(n_chips):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        got = torch.load(out / f"rank{rank}.pt", weights_only=True)
         assert got["kv_mode"] == kv_mode
         assert_close(got["logits"], want.logits, atol=1e-5, rtol=0)
         assert_close(got["loss"], want.loss, atol=1e-5, rtol=0)

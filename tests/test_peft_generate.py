@@ -45,6 +45,22 @@ def _generate(capsys, out_json: Path, *argv) -> list[list[int]]:
     return [c["token_ids"] for c in json.loads(out_json.read_text())["completions"]]
 
 
+@pytest.fixture(scope="module")
+def generated() -> dict:
+    """Outputs of :func:`_generate` by argv, shared by the module's tests: the same greedy command gives
+    the same tokens, so base + lora (and the base alone) are generated once for all that compare to them."""
+    return {}
+
+
+def _generate_once(generated: dict, capsys, out_json: Path, *argv) -> tuple[list[list[int]], Path]:
+    """:func:`_generate`, run the first time these argv are asked for; returns the token ids and the
+    --output-json file that run wrote."""
+    key = tuple(map(str, argv))
+    if key not in generated:
+        generated[key] = _generate(capsys, out_json, *argv), out_json
+    return generated[key]
+
+
 def _stock_peft_greedy(base: Path, adapter: Path) -> list[list[int]]:
     from peft import PeftModel
 
@@ -54,27 +70,30 @@ def _stock_peft_greedy(base: Path, adapter: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_adapter_equals_merged_and_stock_peft(method, dirs, tmp_path, capsys):
-    with_adapter = _generate(capsys, tmp_path / "a.json", "--checkpoint", dirs["base"], "--adapter", dirs[method])
-    assert json.loads((tmp_path / "a.json").read_text())["adapter"] == str(dirs[method])
+def test_adapter_equals_merged_and_stock_peft(method, dirs, generated, tmp_path, capsys):
+    with_adapter, out_json = _generate_once(generated, capsys, tmp_path / "a.json", "--checkpoint", dirs["base"],
+                                            "--adapter", dirs[method])
+    assert json.loads(out_json.read_text())["adapter"] == str(dirs[method])
     merged = _generate(capsys, tmp_path / "m.json", "--checkpoint", dirs[f"{method}_merged"])
-    base = _generate(capsys, tmp_path / "b.json", "--checkpoint", dirs["base"])
+    base, _ = _generate_once(generated, capsys, tmp_path / "b.json", "--checkpoint", dirs["base"])
     assert with_adapter == merged
     assert with_adapter == _stock_peft_greedy(dirs["base"], dirs[method])
     assert with_adapter != base  # the adapter changes the output, so the equalities above say something
 
 
-def test_lora_run_dirs_as_checkpoint_mean_base_plus_adapter(dirs, tmp_path, capsys):
+def test_lora_run_dirs_as_checkpoint_mean_base_plus_adapter(dirs, generated, tmp_path, capsys):
     first = save_stock_adapter(dirs["base"], tmp_path / "first", seed=5, base_path=str(dirs["base"]))
     save_dir = lora_run(tmp_path / "run", [first, dirs["lora"]], tokenizer_from=dirs["base"])
-    want = _generate(capsys, tmp_path / "want.json", "--checkpoint", dirs["base"], "--adapter", dirs["lora"])
+    want, _ = _generate_once(generated, capsys, tmp_path / "want.json", "--checkpoint", dirs["base"],
+                             "--adapter", dirs["lora"])
     for i, path in enumerate((tmp_path / "run", save_dir, save_dir / "latest", save_dir / "step_00000002")):
         assert _generate(capsys, tmp_path / f"{i}.json", "--checkpoint", path) == want, path
     assert _generate(capsys, tmp_path / "flag.json", "--checkpoint", dirs["base"], "--adapter", save_dir) == want
 
 
-def test_tensor_parallel_with_adapter_equals_one_chip(dirs, tmp_path, capsys):
-    one = _generate(capsys, tmp_path / "tp1.json", "--checkpoint", dirs["base"], "--adapter", dirs["lora"])
+def test_tensor_parallel_with_adapter_equals_one_chip(dirs, generated, tmp_path, capsys):
+    one, _ = _generate_once(generated, capsys, tmp_path / "tp1.json", "--checkpoint", dirs["base"],
+                            "--adapter", dirs["lora"])
     two = _generate(capsys, tmp_path / "tp2.json", "--checkpoint", dirs["base"], "--adapter", dirs["lora"],
                     "--n-chips", "2")
     assert json.loads((tmp_path / "tp2.json").read_text())["tensor_parallel"] == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.spawn_batch import Case, register
 
 from modelzoo.compile.plan import (
     ADAPTER_BYTES,
@@ -31,7 +32,6 @@ from modelzoo.models.llama.parallelize import (
     VOCAB,
     parallelize_llama,
 )
-from modelzoo.parallel.mesh import spawn_cpu
 from modelzoo.peft.adapters import add_adapter, lora_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -99,7 +99,7 @@ def test_plan_counts_per_chip_by_the_tp_plan(model, peft):
     assert want < sum(p.numel() for _, p in trainable)
 
 
-def _tp_worker(rank, world_size, model, peft, out):
+def _tp_worker(rank, world_size, out, model, peft):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -111,11 +111,16 @@ def _tp_worker(rank, world_size, model, peft, out):
     Path(out, f"rank{rank}").write_text(str(local))
 
 
-def test_plan_per_chip_count_matches_a_real_tp2_layout(tmp_path):
-    model, peft = "llama3_tiny", {"r": 4, "modules_to_save": "[lm_head]"}
-    spawn_cpu(_tp_worker, 2, model, peft, str(tmp_path))
-    want = build_plan(_cfg(model, n_chips=2, **peft))["peft"]["trainable_params_per_chip"]
-    assert [int((tmp_path / f"rank{r}").read_text()) for r in range(2)] == [want, want]
+TP2_MODEL, TP2_PEFT = "llama3_tiny", {"r": 4, "modules_to_save": "[lm_head]"}
+# spawned with the session's other 2-process runs (helpers/spawn_batch.py)
+register(__name__, lambda inputs: {"tp2": Case(2, _tp_worker, (TP2_MODEL, TP2_PEFT),
+                                               tests=("test_plan_per_chip_count_matches_a_real_tp2_layout",))})
+
+
+def test_plan_per_chip_count_matches_a_real_tp2_layout(spawn_batch):
+    out = spawn_batch(__name__, "tp2")
+    want = build_plan(_cfg(TP2_MODEL, n_chips=2, **TP2_PEFT))["peft"]["trainable_params_per_chip"]
+    assert [int((out / f"rank{r}").read_text()) for r in range(2)] == [want, want]
 
 
 # the full fine-tuning configs of real models (at hidden 64 a rank-16 adapter's activations outweigh

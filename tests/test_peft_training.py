@@ -6,6 +6,7 @@ on stock ``LlamaForCausalLM`` and give our logits; an adapter ``peft`` makes mus
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import stock_model
+from helpers.spawn_batch import Case, register
 from safetensors.torch import load_file, save_file
-from synthetic_data import write_dataset
-from test_training import _cfg, _distributed_losses, _losses
+from test_training import References, _cfg, _dist_worker, _losses, _spawned_losses
 from torch.testing import assert_close
 from transformers import LlamaForCausalLM
 
@@ -31,8 +32,8 @@ LORA = {"peft.method": "lora", "peft.r": 4, "peft.alpha": 8, "training.learning_
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("ds") / "data", n_train_files=4, rows_per_file=16)
+def data(train_data):
+    return train_data  # (conftest: shared with this module's spawned cases)
 
 
 @pytest.fixture(scope="module")
@@ -130,31 +131,59 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "ck" / "step_00000005" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("n_chips", [2, 4])
-def test_lora_tensor_parallel_matches_one_process(tmp_path, data, n_chips):
+# The spawned runs share one spawn_cpu per process count and the one-process references are trained
+# once per settings (helpers/spawn_batch.py, test_training.References); the comparisons are unchanged.
+TP_CHIPS = [2, 4]
+DP_CASES = [(False, 1), (True, 2)]  # fsdp, n_chips
+
+
+def _spawned_cases(data: Path) -> dict[str, Case]:
+    cases = {f"tp{n}": Case(n, _dist_worker, (str(data), {
+        **LORA, "samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n}),
+        tests=("test_lora_tensor_parallel_matches_one_process",)) for n in TP_CHIPS}
+    for fsdp, n_chips in DP_CASES:
+        cases[f"dp2-fsdp{fsdp}-tp{n_chips}"] = Case(2 * n_chips, _dist_worker, (str(data), {
+            **LORA, "data_parallel.world_size": 2, "training.fsdp": fsdp,
+            "samba_compile.tensor_parallel": "weight" if n_chips > 1 else "none", "samba_compile.n_chips": n_chips}),
+            tests=("test_lora_data_parallel_equals_combined_batch",))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    return References(tmp_path_factory.mktemp("one"), data)
+
+
+register(__name__, lambda inputs: _spawned_cases(inputs["train_data"]))
+
+
+@pytest.fixture(scope="module")
+def spawned(spawn_batch):
+    return functools.partial(spawn_batch, __name__)
+
+
+@pytest.mark.parametrize("n_chips", TP_CHIPS)
+def test_lora_tensor_parallel_matches_one_process(reference, spawned, n_chips):
     """LoRA under TP=2/4 (A/B split by the TP plan's LORA_TP_PLAN) gives the one-process losses
     (1e-5 at step 1, 1e-4 after 5) and saves the same adapter."""
-    single = torch.tensor(_losses(Trainer(_cfg(tmp_path / "one", data, **LORA), quiet=True).fit()["history"]),
-                          dtype=torch.float64)
-    tp = _distributed_losses(tmp_path / "tp", data, n_chips,
-                             {**LORA, "samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips})
+    one, single = reference(**LORA)
+    run = spawned(f"tp{n_chips}")
+    tp = _spawned_losses(run)
     assert_close(tp[0], single[0], atol=1e-5, rtol=0)
     assert_close(tp, single, atol=1e-4, rtol=0)
-    ref, got = _adapter(tmp_path / "one"), _adapter(tmp_path / "tp")
+    ref, got = _adapter(one), _adapter(run)
     assert ref.keys() == got.keys()
     for key in ref:
         assert_close(got[key], ref[key], atol=1e-4, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize(("fsdp", "n_chips"), [(False, 1), (True, 2)])
-def test_lora_data_parallel_equals_combined_batch(tmp_path, data, fsdp, n_chips):
+@pytest.mark.parametrize(("fsdp", "n_chips"), DP_CASES)
+def test_lora_data_parallel_equals_combined_batch(reference, spawned, fsdp, n_chips):
     """DP=2 (replicate; and FSDP2 x TP2 on the 2-D mesh) equals one process on the combined batch."""
-    single = Trainer(_cfg(tmp_path / "one", data, **LORA, **{"training.batch_size": 8}), quiet=True).fit()
-    extra = {**LORA, "data_parallel.world_size": 2, "training.fsdp": fsdp,
-             "samba_compile.tensor_parallel": "weight" if n_chips > 1 else "none", "samba_compile.n_chips": n_chips}
-    dp = _distributed_losses(tmp_path / "dp", data, 2 * n_chips, extra)
-    assert_close(dp, torch.tensor(_losses(single["history"]), dtype=torch.float64), atol=1e-4, rtol=0)
-    ref, got = _adapter(tmp_path / "one"), _adapter(tmp_path / "dp")
+    one, single = reference(**LORA, **{"training.batch_size": 8})
+    run = spawned(f"dp2-fsdp{fsdp}-tp{n_chips}")
+    assert_close(_spawned_losses(run), single, atol=1e-4, rtol=0)
+    ref, got = _adapter(one), _adapter(run)
     for key in ref:
         assert_close(got[key], ref[key], atol=1e-4, rtol=0, msg=key)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import h5py
 import pytest
 import torch
 from conftest import stock_model
+from helpers.spawn_batch import Case, register
 from synthetic_data import SAMPLE_TOKENIZER, write_dataset
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
@@ -19,7 +21,6 @@ from modelzoo.compile.plan import PlanError, build_plan, check_plan_for_run, wri
 from modelzoo.config import ConfigError, load_config, shipped_configs
 from modelzoo.data.dataset_layout import write_manifest
 from modelzoo.data.hdf5_reader import DatasetError
-from modelzoo.parallel.mesh import spawn_cpu
 from modelzoo.training.data import open_training_data
 from modelzoo.training.trainer import Trainer
 
@@ -45,8 +46,8 @@ def _losses(history):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("ds") / "data", n_train_files=4, rows_per_file=16)
+def data(train_data):
+    return train_data  # (conftest: shared with this module's spawned cases)
 
 
 def _load_hf(path):
@@ -109,6 +110,33 @@ def test_fine_tune_from_transformers_dir(tmp_path, data):
 
 
 # ---------------------------------------------------------------- distributed (gloo)
+#
+# Every spawned run of this module is a Case registered with the session's SpawnBatch
+# (helpers/spawn_batch.py): the runs that need the same number of processes share one spawn_cpu
+# call, and each test reads its case's dir. The one-process references are Trainer runs shared
+# through ``reference`` (computed once per settings). The runs, their settings and every comparison
+# are those each test made with a spawn and a reference run of its own.
+
+
+class References:
+    """One-process runs, each trained once per module and shared by the tests that compare to it:
+    ``refs(**extra)`` -> (run dir, losses as float64) of ``Trainer(_cfg(dir, data, **extra)).fit()``."""
+
+    def __init__(self, root: Path, data: Path) -> None:
+        self.root, self.data, self.runs = root, data, {}
+
+    def __call__(self, **extra) -> tuple[Path, torch.Tensor]:
+        key = tuple(sorted((k, repr(v)) for k, v in extra.items()))
+        if key not in self.runs:
+            run_dir = self.root / f"run{len(self.runs)}"
+            result = Trainer(_cfg(run_dir, self.data, **extra), quiet=True).fit()
+            self.runs[key] = run_dir, torch.tensor(_losses(result["history"]), dtype=torch.float64)
+        return self.runs[key]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    return References(tmp_path_factory.mktemp("one"), data)
 
 
 def _dist_worker(rank, world_size, tmp, data, extra):
@@ -127,52 +155,9 @@ def _resume_worker(rank, world_size, tmp, data, extra):
                     "steps": torch.tensor(steps)}, f"{tmp}/losses.pt")
 
 
-def _distributed_losses(tmp, data, nprocs, extra):
-    spawn_cpu(_dist_worker, nprocs, str(tmp), str(data), extra)
-    return torch.load(Path(tmp) / "losses.pt", weights_only=True)["losses"]
-
-
-@pytest.mark.parametrize(("n_chips", "sequence_parallel"), [(2, False), (4, False), (2, True), (4, True)])
-def test_tensor_parallel_matches_single_process(tmp_path, data, n_chips, sequence_parallel):
-    """TP=2/4, with and without sequence parallelism (norms and residual stream sharded on the
-    sequence dimension), gives the one-process losses (1e-5 at step 1, 1e-4 after 5) and weights."""
-    extra = {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips,
-             "samba_compile.sequence_parallel": sequence_parallel}
-    single = torch.tensor(_losses(Trainer(_cfg(tmp_path / "one", data), quiet=True).fit()["history"]),
-                          dtype=torch.float64)
-    tp = _distributed_losses(tmp_path / "tp", data, n_chips, extra)
-    assert_close(tp[0], single[0], atol=1e-5, rtol=0)
-    assert_close(tp, single, atol=1e-4, rtol=0)
-    ref, got = _load_hf(tmp_path / "one" / "ck" / "step_00000005"), _load_hf(tmp_path / "tp" / "ck" / "step_00000005")
-    for key in ref:
-        assert_close(got[key], ref[key], atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize(("fsdp", "n_chips"), [(False, 1), (True, 1), (False, 2), (True, 2)])
-def test_data_parallel_equals_combined_batch(tmp_path, data, fsdp, n_chips):
-    """DP=2 (replicate or FSDP2), alone and on a 2-D mesh with TP=2 (FSDP2 x TP: 4 processes),
-    equals one process on the combined batch of 8; the saved HF dirs hold the same weights."""
-    single = Trainer(_cfg(tmp_path / "one", data, **{"training.batch_size": 8}), quiet=True).fit()
-    tp = {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips} if n_chips > 1 else {}
-    dp = _distributed_losses(tmp_path / "dp", data, 2 * n_chips, {
-        "training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": fsdp, **tp})
-    assert_close(dp, torch.tensor(_losses(single["history"]), dtype=torch.float64), atol=1e-5, rtol=0)
-    ref, got = _load_hf(tmp_path / "one" / "ck" / "step_00000005"), _load_hf(tmp_path / "dp" / "ck" / "step_00000005")
-    for key in ref:
-        assert_close(got[key], ref[key], atol=1e-5, rtol=0)
-
-
-def test_fsdp_bfloat16_mixed_precision_tracks_fp32(tmp_path, data):
-    """training.mixed_precision=bfloat16 (bf16 compute copies, fp32 reduce, fp32 master weights)
-    follows the fp32 losses to bf16 precision and leaves fp32 weights in the HF dir."""
-    extra = {"training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": True,
-             "training.max_steps": 3, "checkpoint.save_every": 3}
-    fp32 = _distributed_losses(tmp_path / "fp32", data, 2, extra)
-    bf16 = _distributed_losses(tmp_path / "bf16", data, 2, {**extra, "training.mixed_precision": "bfloat16"})
-    assert not torch.equal(bf16, fp32)  # the policy took effect
-    assert_close(bf16, fp32, atol=3e-2, rtol=0)
-    weights = _load_hf(tmp_path / "bf16" / "ck" / "step_00000003")
-    assert all(t.dtype == torch.float32 for t in weights.values())
+def _spawned_losses(run_dir: Path) -> torch.Tensor:
+    """Rank 0's losses of a spawned ``_dist_worker`` run."""
+    return torch.load(Path(run_dir) / "losses.pt", weights_only=True)["losses"]
 
 
 def _checkpoint_at(src: Path, dst: Path, step: int) -> None:
@@ -186,34 +171,132 @@ def _checkpoint_at(src: Path, dst: Path, step: int) -> None:
     (dst / "ck" / "latest").write_text(f"step_{step:08d}\n")
 
 
-def test_dcp_checkpoint_resumes_at_another_layout(tmp_path, data):
+LAYOUTS = {"tp2dp2": (2, 2, 4), "tp1dp4": (1, 4, 2), "tp4dp1": (4, 1, 8)}  # n_chips, world_size, batch
+
+
+def _layout_extra(name, **more):
+    n_chips, world, batch = LAYOUTS[name]
+    return {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips,
+            "data_parallel.world_size": world, "training.batch_size": batch, "training.max_steps": 4,
+            "checkpoint.save_every": 2, "checkpoint.keep_last": 0, **more}
+
+
+def _layout_change_worker(rank, world_size, tmp, data):
+    """The TP2 x DP2 run into ``tmp/full``, then (each from a copy of its checkpoints at step 2, made
+    by rank 0 while the others wait) the resumes at TP1 x DP4 and TP4 x DP1 into ``tmp/<layout>``."""
+    import torch.distributed as dist
+
+    tmp = Path(tmp)
+    _resume_worker(rank, world_size, str(tmp / "full"), data, _layout_extra("tp2dp2"))
+    for name in ("tp1dp4", "tp4dp1"):
+        if rank == 0:
+            _checkpoint_at(tmp / "full", tmp / name, 2)
+        dist.barrier()
+        _resume_worker(rank, world_size, str(tmp / name), data, _layout_extra(name, **{"checkpoint.resume": True}))
+
+
+TP_CASES = [(2, False), (4, False), (2, True), (4, True)]  # n_chips, sequence_parallel
+DP_CASES = [(False, 1), (True, 1), (False, 2), (True, 2)]  # fsdp, n_chips
+ACCUM_CASES = [(1, 1), (1, 2), (2, 1)]  # n_chips, world_size
+FSDP_MP = {"training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": True,
+           "training.max_steps": 3, "checkpoint.save_every": 3}
+
+
+def _tp_extra(n_chips: int) -> dict:
+    return {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips}
+
+
+def _accum_extra(n_chips: int, world_size: int) -> dict:
+    extra = {"training.batch_size": 8 // (4 * world_size), "training.grad_accum_steps": 4,
+             "data_parallel.world_size": world_size}
+    return {**extra, **_tp_extra(n_chips)} if n_chips > 1 else extra
+
+
+def _spawned_cases(data: Path) -> dict[str, Case]:
+    data = str(data)
+    cases = {}
+    for n_chips, sp in TP_CASES:
+        cases[f"tp{n_chips}-sp{sp}"] = Case(n_chips, _dist_worker, (data, {
+            **_tp_extra(n_chips), "samba_compile.sequence_parallel": sp}),
+            tests=("test_tensor_parallel_matches_single_process",))
+    for fsdp, n_chips in DP_CASES:
+        cases[f"dp2-fsdp{fsdp}-tp{n_chips}"] = Case(2 * n_chips, _dist_worker, (data, {
+            "training.batch_size": 4, "data_parallel.world_size": 2, "training.fsdp": fsdp,
+            **(_tp_extra(n_chips) if n_chips > 1 else {})}), tests=("test_data_parallel_equals_combined_batch",))
+    for name, extra in (("fsdp-fp32", FSDP_MP), ("fsdp-bf16", {**FSDP_MP, "training.mixed_precision": "bfloat16"})):
+        cases[name] = Case(2, _dist_worker, (data, extra), tests=("test_fsdp_bfloat16_mixed_precision_tracks_fp32",))
+    cases["layouts"] = Case(4, _layout_change_worker, (data,), tests=("test_dcp_checkpoint_resumes_at_another_layout",))
+    for n_chips, world_size in ACCUM_CASES:
+        if n_chips * world_size > 1:
+            cases[f"accum-tp{n_chips}-dp{world_size}"] = Case(n_chips * world_size, _dist_worker, (
+                data, _accum_extra(n_chips, world_size)), tests=("test_gradient_accumulation_equals_the_combined_batch",))
+    return cases
+
+
+register(__name__, lambda inputs: _spawned_cases(inputs["train_data"]))
+
+
+@pytest.fixture(scope="module")
+def spawned(spawn_batch):
+    return functools.partial(spawn_batch, __name__)
+
+
+@pytest.mark.parametrize(("n_chips", "sequence_parallel"), TP_CASES)
+def test_tensor_parallel_matches_single_process(reference, spawned, n_chips, sequence_parallel):
+    """TP=2/4, with and without sequence parallelism (norms and residual stream sharded on the
+    sequence dimension), gives the one-process losses (1e-5 at step 1, 1e-4 after 5) and weights."""
+    one, single = reference()
+    run = spawned(f"tp{n_chips}-sp{sequence_parallel}")
+    tp = _spawned_losses(run)
+    assert_close(tp[0], single[0], atol=1e-5, rtol=0)
+    assert_close(tp, single, atol=1e-4, rtol=0)
+    ref, got = _load_hf(one / "ck" / "step_00000005"), _load_hf(run / "ck" / "step_00000005")
+    for key in ref:
+        assert_close(got[key], ref[key], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("fsdp", "n_chips"), DP_CASES)
+def test_data_parallel_equals_combined_batch(reference, spawned, fsdp, n_chips):
+    """DP=2 (replicate or FSDP2), alone and on a 2-D mesh with TP=2 (FSDP2 x TP: 4 processes),
+    equals one process on the combined batch of 8; the saved HF dirs hold the same weights."""
+    one, single = reference(**{"training.batch_size": 8})
+    run = spawned(f"dp2-fsdp{fsdp}-tp{n_chips}")
+    assert_close(_spawned_losses(run), single, atol=1e-5, rtol=0)
+    ref, got = _load_hf(one / "ck" / "step_00000005"), _load_hf(run / "ck" / "step_00000005")
+    for key in ref:
+        assert_close(got[key], ref[key], atol=1e-5, rtol=0)
+
+
+def test_fsdp_bfloat16_mixed_precision_tracks_fp32(spawned):
+    """training.mixed_precision=bfloat16 (bf16 compute copies, fp32 reduce, fp32 master weights)
+    follows the fp32 losses to bf16 precision and leaves fp32 weights in the HF dir."""
+    fp32 = _spawned_losses(spawned("fsdp-fp32"))
+    bf16_run = spawned("fsdp-bf16")
+    bf16 = _spawned_losses(bf16_run)
+    assert not torch.equal(bf16, fp32)  # the policy took effect
+    assert_close(bf16, fp32, atol=3e-2, rtol=0)
+    weights = _load_hf(bf16_run / "ck" / "step_00000003")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_dcp_checkpoint_resumes_at_another_layout(tmp_path, data, spawned):
     """Saved at TP2 x DP2 after 2 steps, resumed at TP1 x DP4 and at TP4 x DP1 (the same global batch
     of 8): steps 3-4 give the losses of the uninterrupted TP2 x DP2 run, and the optimizer state and
     data position carried over (a fresh optimizer or a restarted epoch would change them)."""
-    layouts = {"tp2dp2": (2, 2, 4), "tp1dp4": (1, 4, 2), "tp4dp1": (4, 1, 8)}  # n_chips, world_size, batch
-
-    def extra(name, **more):
-        n_chips, world, batch = layouts[name]
-        return {"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips,
-                "data_parallel.world_size": world, "training.batch_size": batch, "training.max_steps": 4,
-                "checkpoint.save_every": 2, "checkpoint.keep_last": 0, **more}
-
-    spawn_cpu(_resume_worker, 4, str(tmp_path / "full"), str(data), extra("tp2dp2"))
-    full = torch.load(tmp_path / "full" / "losses.pt", weights_only=True)
-    state = json.loads((tmp_path / "full" / "ck" / "step_00000002" / "training_state" / "trainer_state.json").read_text())
+    runs = spawned("layouts")
+    full = torch.load(runs / "full" / "losses.pt", weights_only=True)
+    state = json.loads((runs / "full" / "ck" / "step_00000002" / "training_state" / "trainer_state.json").read_text())
     assert state["data"] == {"epoch": 0, "samples_in_epoch": 16, "global_micro_batch": 8}
-    assert (tmp_path / "full" / "ck" / "step_00000002" / "training_state" / "dcp" / ".metadata").is_file()
+    assert (runs / "full" / "ck" / "step_00000002" / "training_state" / "dcp" / ".metadata").is_file()
     for name in ("tp1dp4", "tp4dp1"):
-        _checkpoint_at(tmp_path / "full", tmp_path / name, 2)
-        spawn_cpu(_resume_worker, 4, str(tmp_path / name), str(data), extra(name, **{"checkpoint.resume": True}))
-        resumed = torch.load(tmp_path / name / "losses.pt", weights_only=True)
+        resumed = torch.load(runs / name / "losses.pt", weights_only=True)
         assert resumed["steps"].tolist() == [3, 4]
         assert_close(resumed["losses"], full["losses"][2:], atol=1e-5, rtol=0, msg=name)
-        ref, got = _load_hf(tmp_path / "full" / "ck" / "step_00000004"), _load_hf(tmp_path / name / "ck" / "step_00000004")
+        ref, got = _load_hf(runs / "full" / "ck" / "step_00000004"), _load_hf(runs / name / "ck" / "step_00000004")
         for key in ref:
             assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
     # a layout whose micro-batch does not divide the saved position is refused, naming both
-    _checkpoint_at(tmp_path / "full", tmp_path / "odd", 2)
+    _checkpoint_at(runs / "full", tmp_path / "odd", 2)
     cfg = _cfg(tmp_path / "odd", data, **{"training.batch_size": 5, "checkpoint.resume": True, "training.max_steps": 4})
     with pytest.raises(ckpt_errors.CheckpointError, match=r"16 samples into epoch 0.*batch_size 5.*saved one \(8\)"):
         Trainer(cfg, quiet=True)
@@ -234,26 +317,22 @@ def test_old_per_rank_checkpoint_is_refused_with_the_way_out(tmp_path, data):
         Trainer(cfg, quiet=True)
 
 
-@pytest.mark.parametrize(("n_chips", "world_size"), [(1, 1), (1, 2), (2, 1)])
-def test_gradient_accumulation_equals_the_combined_batch(tmp_path, data, n_chips, world_size):
+@pytest.mark.parametrize(("n_chips", "world_size"), ACCUM_CASES)
+def test_gradient_accumulation_equals_the_combined_batch(tmp_path, data, reference, spawned, n_chips, world_size):
     """grad_accum_steps=4 over micro-batches of 8/(4*DP) equals one step on batch 8 (the trainer's
     documented invariant: the loss is normalised by the weight sum of the whole optimizer step),
     in one process, under DP=2 and under TP=2."""
-    single = Trainer(_cfg(tmp_path / "one", data, **{"training.batch_size": 8}), quiet=True).fit()
-    extra = {"training.batch_size": 8 // (4 * world_size), "training.grad_accum_steps": 4,
-             "data_parallel.world_size": world_size}
-    if n_chips > 1:
-        extra.update({"samba_compile.tensor_parallel": "weight", "samba_compile.n_chips": n_chips})
-    nprocs = n_chips * world_size
-    if nprocs == 1:
-        accum = torch.tensor(_losses(Trainer(_cfg(tmp_path / "acc", data, **extra), quiet=True).fit()["history"]),
-                             dtype=torch.float64)
+    one, want = reference(**{"training.batch_size": 8})
+    if n_chips * world_size == 1:
+        acc = tmp_path / "acc"
+        accum = torch.tensor(_losses(Trainer(_cfg(acc, data, **_accum_extra(n_chips, world_size)),
+                                             quiet=True).fit()["history"]), dtype=torch.float64)
     else:
-        accum = _distributed_losses(tmp_path / "acc", data, nprocs, extra)
-    want = torch.tensor(_losses(single["history"]), dtype=torch.float64)
+        acc = spawned(f"accum-tp{n_chips}-dp{world_size}")
+        accum = _spawned_losses(acc)
     assert len(accum) == len(want) == 5
     assert_close(accum, want, atol=1e-6 if n_chips == 1 else 1e-5, rtol=0)
-    ref, got = _load_hf(tmp_path / "one" / "ck" / "step_00000005"), _load_hf(tmp_path / "acc" / "ck" / "step_00000005")
+    ref, got = _load_hf(one / "ck" / "step_00000005"), _load_hf(acc / "ck" / "step_00000005")
     for key in ref:  # 5 Adam steps turn 1e-7 gradient rounding into ~1e-6 weight differences
         assert_close(got[key], ref[key], atol=1e-5, rtol=0)
 
