@@ -32,7 +32,12 @@ def test_greedy_equals_transformers_with_slots_reused_and_chunked_prefill(model,
     lengths = (5, 40, 3, 17, 9, 2, 33, 8, 12, 6)
     prompts = random_prompts(model.config.vocab_size, lengths=lengths, seed=3)
     engine = SlotEngine(model, backend=backend, max_batch=3, max_model_len=128, prefill_chunk=16, eos_token_ids=[])
+    from torch._dynamo.utils import counters
+
+    assert engine.warmup() == (4 if backend == "inductor" else 0)  # decode widths 1, 2, 3; prefill bucket 16
+    graphs = counters["stats"]["unique_graphs"]
     results = _run(engine, [EngineRequest(p, NEW, tag=i) for i, p in enumerate(prompts)])
+    assert counters["stats"]["unique_graphs"] == graphs  # warmed up: no request waited for a compilation
     want = [hf_greedy(model, [p], NEW)[0] for p in prompts]
     assert [r.token_ids for r in results] == want
     assert all(r.finish_reason == "length" and r.ttft_s is not None for r in results)

@@ -394,8 +394,8 @@ def _lm_eval(job: EvalJob, model, tokenizer, progress: bool):
     parts = []
     for task, values in metrics.items():
         shown = [f"{k.split(',')[0]} {v:.4f}" for k, v in values.items()
-                 if isinstance(v, (int, float)) and "stderr" not in k]
-        parts.append(f"{task}: {', '.join(shown)}")
+                 if isinstance(v, float) and "stderr" not in k and k != "sample_len"]
+        parts.append(f"{task} ({values.get('sample_len', '?')} docs): {', '.join(shown)}")
     tokens = lm.scorer.tokens_run + lm.generated_tokens
     return metrics, "lm-eval " + "; ".join(parts), tokens, results.get("samples")
 

@@ -196,11 +196,21 @@ def serve(args: argparse.Namespace, job: ServeJob) -> int:
 
 
 def _run_server(args: argparse.Namespace, job: ServeJob) -> int:
+    import time
+
     import uvicorn
 
     from modelzoo.serving import Server, ServerSettings, create_app
 
     engine = build_engine(job, job.n_chips, leader=True)
+    if engine.decoder.compiled:
+        widths, buckets = engine.warmup_shapes()
+        print(f"modelzoo-serve: compiling {len(widths) + len(buckets)} step shapes before taking requests (decode "
+              f"batch {', '.join(map(str, widths))}; prefill {', '.join(map(str, buckets))} tokens)",
+              file=sys.stderr, flush=True)
+        begin = time.perf_counter()
+        engine.warmup()
+        print(f"modelzoo-serve: compiled in {time.perf_counter() - begin:.0f} s", file=sys.stderr, flush=True)
     name = args.served_model_name or Path(job.source).name
     settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
                               max_body_bytes=args.max_body_bytes)

@@ -357,6 +357,37 @@ class SlotEngine:
                 stats.finished += 1
         return stats
 
+    def warmup_shapes(self) -> tuple[list[int], list[int]]:
+        """The step shapes a compiled engine meets: decode widths (powers of two up to
+        ``max_batch``, and ``max_batch``) and prefill buckets (``MIN_BUCKET``, doubling, up to
+        ``prefill_chunk``)."""
+        widths, width = [], 1
+        while width < self.max_batch:
+            widths.append(width)
+            width *= 2
+        buckets, bucket = [], MIN_BUCKET
+        while bucket < self.prefill_chunk:
+            buckets.append(bucket)
+            bucket *= 2
+        return widths + [self.max_batch], buckets + [self.prefill_chunk]
+
+    @torch.no_grad()
+    def warmup(self) -> int:
+        """Run (compile) every step shape of :meth:`warmup_shapes` once, so that no request waits for
+        a compilation; only the scratch slot is written. A no-op when not compiled; returns the
+        number of shapes run. Only while idle."""
+        if not self.decoder.compiled:
+            return 0
+        if self.has_work():
+            raise RuntimeError("warm up the engine before submitting requests")
+        scratch, slots = self.cache.scratch, self.cache.slots
+        widths, buckets = self.warmup_shapes()
+        for width in widths:
+            self._forward([[0]] * width, [[scratch]] * width, None, slots)
+        for bucket in buckets:
+            self._forward([[0] * bucket], [[scratch] * bucket], [0], slots)
+        return len(widths) + len(buckets)
+
     def run_until_idle(self) -> None:
         """Step until nothing is queued or running."""
         while self.has_work():
