@@ -1,4 +1,4 @@
-"""jsonl/txt -> tokenized, packed, split, balanced HDF5 (the DESIGN.md dataset contract).
+"""jsonl/txt -> tokenized, packed, split, balanced HDF5 (the dataset contract in ARCHITECTURE.md).
 
 Entry point: ``modelzoo-data-prep`` / ``python -m modelzoo.data_prep`` (see ``cli.py``).
 Stages, one module each: ``input_files`` (find and read lines) -> ``shuffle`` -> ``splits``

@@ -1,6 +1,6 @@
 """Lines -> token ids and token types, a chunk of lines at a time (runs in worker processes).
 
-The contract (DESIGN.md), per prompt/completion pair: the prompt is right-stripped of spaces and the
+The contract (ARCHITECTURE.md, Contracts), per prompt/completion pair: the prompt is right-stripped of spaces and the
 completion gets exactly one leading space (unless ``--disable_space_separator``); ``--prompt_prefix``
 / ``--prompt_postfix`` wrap a non-empty prompt. Each text is encoded without the tokenizer's own
 special tokens; its start tokens (BOS) are put before the prompt, or before the completion when the

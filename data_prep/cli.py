@@ -27,7 +27,7 @@ from modelzoo.data_prep.tokenizer_io import MAX_SEQ_LENGTH_CAP
 _EPILOG = (
     'Input lines: {"prompt": ..., "completion": ...}, a list of such objects (a multi-turn article), '
     'or {"text": ...}; .txt files hold one document per line (all completion). '
-    "Output: the HDF5 dataset contract of DESIGN.md (generative_data_prep layout)."
+    "Output: the HDF5 dataset contract of ARCHITECTURE.md (generative_data_prep layout)."
 )
 
 

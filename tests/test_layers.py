@@ -1,4 +1,4 @@
-"""Imports run one way: down the layers DESIGN.md draws, never back up, and no package cycles.
+"""Imports run one way: down the layers ARCHITECTURE.md draws, never back up, and no package cycles.
 
 Every ``import`` in ``modelzoo/``, ``models/`` and ``data_prep/`` is read from the source (those
 inside functions too: a local import hides a cycle, it does not remove it) and mapped to the
@@ -76,7 +76,7 @@ def upward(edges: dict[tuple[str, str], list[str]]) -> list[str]:
     for (importer, imported), where in sorted(edges.items()):
         if importer not in LAYERS or imported not in LAYERS:
             bad.append(f"{where[0]}: package modelzoo.{importer if importer not in LAYERS else imported} has no "
-                       "layer; add it to LAYERS as DESIGN.md places it")
+                       "layer; add it to LAYERS as ARCHITECTURE.md places it")
         elif LAYERS[imported] > LAYERS[importer]:
             bad.append(f"{where[0]}: modelzoo.{importer} (layer {LAYERS[importer]}) imports modelzoo.{imported} "
                        f"(layer {LAYERS[imported]})")

@@ -16,7 +16,7 @@ Patches (names as used in ``patches=[...]`` and ``MODELZOO_PATCHES``):
     causally within each article and positions restart at every article, so a packed row gives the
     same per-token logits as its articles run one by one.
 ``weighted_loss``
-    ``forward(..., token_type_ids=...)`` returns the loss of the DESIGN.md contract: per-token
+    ``forward(..., token_type_ids=...)`` returns the loss of the contract in ARCHITECTURE.md: per-token
     cross-entropy on ``input_ids`` shifted by one, weighted 1 for completion/separator targets,
     ``prompt_loss_weight`` for prompt targets, 0 for padding and article-crossing targets,
     normalised by the weight sum. Per-token losses and weights are returned too. With

@@ -1,4 +1,4 @@
-"""The HDF5 dataset directory contract (DESIGN.md), shared by the writer (data_prep) and the reader.
+"""The HDF5 dataset directory contract (ARCHITECTURE.md, Contracts), shared by the writer (data_prep) and the reader.
 
 Layout, compatible with SambaNova's generative_data_prep::
 

@@ -1,4 +1,4 @@
-"""Read a packed HDF5 dataset dir (the DESIGN.md contract) for training.
+"""Read a packed HDF5 dataset dir (the contract in ARCHITECTURE.md) for training.
 
     ds = HDF5DatasetDir("data/sample_hdf5", max_seq_length=256)   # validates metadata + manifest
     train = ds.dataset("train")                                     # map-style: train[i] -> dict of int64 [L]

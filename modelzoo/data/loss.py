@@ -1,4 +1,4 @@
-"""Weighted next-token cross-entropy: the loss of the DESIGN.md contract, shared by the model and the trainer."""
+"""Weighted next-token cross-entropy: the loss of the contract in ARCHITECTURE.md, shared by the model and the trainer."""
 
 from __future__ import annotations
 

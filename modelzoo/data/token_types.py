@@ -1,4 +1,4 @@
-"""Token types, article boundaries and loss weights (the DESIGN.md contract).
+"""Token types, article boundaries and loss weights (the contract in ARCHITECTURE.md).
 
 ``token_type_ids`` (from data prep, ``[batch, seq]``): 0 prompt, 1 completion, 2 padding,
 3 separator (the EOS that ends an article). An article is the run of tokens up to and including
