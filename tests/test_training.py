@@ -341,10 +341,14 @@ def test_gradient_accumulation_equals_the_combined_batch(tmp_path, data, referen
 
 
 @pytest.mark.parametrize("name", shipped_configs("training"))
-def test_every_shipped_config_compiles(tmp_path, name):
+def test_every_shipped_config_compiles(tmp_path, name, capsys):
     assert train_main(["--config", name, "command=compile", f"samba_compile.output_folder={tmp_path}"]) == 0
     plan = json.loads((tmp_path / "compile_plan.json").read_text())
     assert plan["per_chip"]["fits"]
+    shown = capsys.readouterr().out  # fits, headroom, the budget's source, the largest part
+    budget, total = plan["per_chip"]["budget_gib"], plan["per_chip"]["gib"]["total"]
+    assert f"fits       yes: headroom {budget - total:.2f} GiB" in shown
+    assert plan["per_chip"]["budget_source"].split("=")[0] in shown and "largest part: " in shown
     layout = plan["layout"]
     assert layout["processes"] == layout["n_chips"] * layout["world_size"]
     # per-chip parameters: the sharded shapes summed, consistent with the layout

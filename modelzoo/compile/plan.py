@@ -338,6 +338,16 @@ def _budget_gib(cfg: RunConfig) -> float:
     return cfg.samba_compile.chip_memory_gib or ARCH_MEMORY_GIB[cfg.samba_compile.arch]
 
 
+def _budget_source(cfg: RunConfig) -> str:
+    """Where the per-chip budget comes from, in words."""
+    if cfg.samba_compile.chip_memory_gib:
+        return f"samba_compile.chip_memory_gib={cfg.samba_compile.chip_memory_gib:g}"
+    arch = cfg.samba_compile.arch
+    hbm = ARCH_HBM_GIB[arch]
+    tiers = f"{hbm:g} GiB HBM + {ARCH_MEMORY_GIB[arch] - hbm:g} GiB DDR" if hbm else f"{ARCH_MEMORY_GIB[arch]:g} GiB DDR"
+    return f"samba_compile.arch={arch}: {tiers}"
+
+
 def _budget_knob(cfg: RunConfig) -> str:
     return "chip_memory_gib" if cfg.samba_compile.chip_memory_gib else "arch"
 
@@ -371,6 +381,7 @@ def build_plan(cfg: RunConfig) -> dict[str, Any]:
                    "lm_head_style": layout.lm_head_style},
         "per_chip": {"params": per_chip_params, "bytes": memory, "gib": _gib(memory),
                      "budget_gib": budget_gib, "fits": memory["total"] <= budget_gib * GIB,
+                     "budget_source": _budget_source(cfg),
                      "weights_fit_hbm": memory["weights"] <= ARCH_HBM_GIB[cfg.samba_compile.arch] * GIB},
         "shard_shapes": info["shard_shapes"],
         "recompile_settings": recompile_settings(cfg, _arch_fields(config)),
@@ -487,11 +498,25 @@ def summarize(plan: dict[str, Any]) -> str:
         f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f}, temporaries "
         f"{gib['temporaries']:.2f} = {gib['total']:.2f} GiB peak "
         f"of {chip['budget_gib']:.0f} GiB",
+        _fit_line(chip),
         *([f"peft       {plan['peft']['method']} r={plan['peft']['r']}: "
            f"{plan['peft']['trainable_params_per_chip'] / 1e6:.2f}M trainable params per chip "
            f"({plan['peft']['trainable_params'] / 1e6:.2f}M in all); {plan['peft']['note']}"]
           if "peft" in plan else []),
     ])
+
+
+def _fit_line(chip: dict[str, Any]) -> str:
+    """Whether the step fits the budget, the headroom, where the budget comes from, and the largest part."""
+    gib, budget = chip["gib"], chip["budget_gib"]
+    parts = {k: gib[k] for k in ("weights", "optimizer", "activations", "temporaries")}
+    largest = max(parts, key=parts.get)
+    headroom = budget - gib["total"]
+    source = chip.get("budget_source", f"{budget:.0f} GiB")
+    return (f"fits       {'yes' if chip['fits'] else 'NO'}: headroom {headroom:.2f} GiB "
+            f"({100 * headroom / budget:.0f}% of the {budget:.0f} GiB budget of {source}); largest part: "
+            f"{largest} {parts[largest]:.2f} GiB ({100 * parts[largest] / gib['total']:.0f}% of the peak)"
+            + ("" if chip.get("weights_fit_hbm", True) else "; the weights do not fit HBM (they stream from DDR)"))
 
 
 def memory_table_markdown() -> str:
