@@ -69,9 +69,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n", 1)
-    p = _Parser(prog="modelzoo-generate", description=doc[0], epilog=doc[1],
+    p = _Parser(prog="modelzoo-generate", description=doc[0].replace("``", "'"), epilog=doc[1].replace("``", "'"),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="llama_tiny", help="YAML path or bare name from configs/generation/")
+    p.add_argument("--config", default="llama_tiny", help="YAML path or bare name from configs/generation/ "
+                   "(default: %(default)s)")
     p.add_argument("--checkpoint", help="HF checkpoint dir (float or pre-quantized int8), a training run's dir "
                    "(its newest checkpoint; a LoRA run's: its base + adapter), or a preset name (random weights)")
     p.add_argument("--adapter", metavar="DIR",
@@ -80,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer dir (default: the adapter's, else the checkpoint dir)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="JSON lines file: {\"prompt\": \"...\"} per line")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt (default: the config's "
+                   "generation.max_new_tokens; llama_tiny: 32)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; > 0 samples (default: the config's; llama_tiny: 0)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with this probability mass")
     p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating prompt/generated tokens")
@@ -89,14 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable); the completion ends before it")
     p.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--stream", action="store_true", default=None, help="print tokens as they are generated")
-    p.add_argument("--batch-size", type=int, help="prompts decoded together")
+    p.add_argument("--batch-size", type=int, help="prompts decoded together (default: the config's "
+                   "generation.batch_size; llama_tiny: 1)")
     p.add_argument("--max-length", type=int, help="static KV-cache slots (padded prompt + new tokens)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16")
-    p.add_argument("--backend", help="cpu (eager) | inductor (torch.compile) | cuda")
-    p.add_argument("--n-chips", type=int, help="tensor-parallel degree (processes on this machine)")
-    p.add_argument("--quantize", help="none | int8 (weight-only, per output channel)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights and compute (default: the config's model.dtype; llama_tiny: float32)")
+    p.add_argument("--backend", choices=("cpu", "inductor", "cuda"),
+                   help="cpu: eager; inductor: torch.compile; cuda: eager on the GPU (default: the config's; cpu)")
+    p.add_argument("--n-chips", type=int, help="tensor-parallel degree: processes on this machine (default: 1)")
+    p.add_argument("--quantize", choices=("none", "int8"),
+                   help="int8: weight-only, per output channel (default: the config's generation.quantize; none)")
     p.add_argument("--output-json", help="write completions, settings and telemetry to this file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.top_k=50")
+    for action in p._actions:  # options that set a config key default to the config's value
+        dest = FLAG_KEYS.get(action.dest)
+        if dest and action.help and "default" not in action.help:
+            action.help += f" (default: the config's {dest})"
     return p
 
 

@@ -21,8 +21,8 @@ from .errors import run_reporting_errors
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelzoo-train", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog="modelzoo-train", description=__doc__.split("\n\n")[0].replace("``", "'"),
+                                     epilog=__doc__.split("\n\n", 1)[1].replace("``", "'"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="llama_tiny",
                         help="YAML path or bare name from configs/training/ (default: llama_tiny)")
