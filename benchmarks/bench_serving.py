@@ -59,6 +59,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelzoo.cli.help_format import DefaultsHelpFormatter
+
 COMPILED_BACKENDS = ("inductor",)
 
 
@@ -457,7 +459,7 @@ def fmt_row(row: Row, hf: Row | None, static: Row | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default="llama_60m", help="preset (random weights, seed 0)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelzoo-eval", description=doc[0], epilog=doc[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True, metavar="{ppl,wikitext,lambada,lm-eval}")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from modelzoo.cli.help_format import DefaultsHelpFormatter as fmt
 
     ppl = sub.add_parser("ppl", help="loss and perplexity on a prepared HDF5 dataset (the trainer's dev loss)",
                          formatter_class=fmt)
