@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from modelzoo.checkpoint.manager import resolve_model_dir
 from modelzoo.config import ConfigError, GenerationRunConfig, config_to_dict
 from modelzoo.config.build import build
 from modelzoo.config.checks import check_config
@@ -124,6 +123,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[GenerationRunConfig, str |
     for section, key in (("checkpoint", "load_path"), ("model", "name_or_path")):
         # a training run's dir, its checkpoints dir or its ``latest`` file mean the newest checkpoint
         if data[section].get(key) and Path(data[section][key]).exists():
+            from modelzoo.checkpoint.manager import resolve_model_dir
+
             data[section][key] = str(resolve_model_dir(data[section][key]))
     adapter = _adapter_of(data, args.adapter)
     flag_of = {FLAG_KEYS[d]: "--" + d.replace("_", "-") for d in given}
