@@ -142,10 +142,12 @@ def _adapter_of(data: dict, flag: str | None) -> str | None:
     """The adapter dir to run: ``--adapter`` (a LoRA run's dir meaning its newest checkpoint), or
     the one the weights source holds when it is an adapter and no model (a LoRA run's checkpoint);
     then the source becomes that adapter's base, in ``data``."""
-    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
-
     section, key = ("checkpoint", "load_path") if data["checkpoint"].get("load_path") else ("model", "name_or_path")
     path = data[section].get(key)
+    if not flag and not (path and Path(path).is_dir()):  # a preset, or no dir yet: no adapter (nor torch import)
+        return None
+    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
+
     if not (path and holds_adapter(path)):
         return str(resolve_adapter_dir(flag)) if flag else None
     if flag:
