@@ -4,6 +4,9 @@
 errors are located at the YAML line or override that set the key): the configured preset's
 ``model.overrides`` must give a valid ``LlamaConfig``, and ``samba_compile.n_chips`` must split
 the model by :func:`~modelzoo.models.llama.parallelize.check_tensor_parallel`.
+
+Torch-free: a preset without ``model.overrides`` is read from its dict; only overrides (which
+``transformers.LlamaConfig`` validates) import ``transformers``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from modelzoo.config import ConfigError, GenerationRunConfig, ModelConfig, RunCo
 from modelzoo.config.errors import nearest
 
 from . import presets
-from .parallelize import check_tensor_parallel
+from .tp_rule import check_tensor_parallel
 
 
 def load_run_config(name_or_path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
@@ -44,8 +47,7 @@ def model_heads(model: ModelConfig) -> tuple[int, int, int | None] | None:
     """
     name = model.name_or_path
     if presets.is_preset(name):
-        arch = _preset_arch(name, model.overrides)
-        return arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size
+        return _preset_arch(name, model.overrides)
     path = Path(name)
     if path.is_dir():
         values = {**_read_config_json(path), **model.overrides}
@@ -67,9 +69,16 @@ def model_heads(model: ModelConfig) -> tuple[int, int, int | None] | None:
     return None
 
 
-def _preset_arch(name: str, overrides: dict[str, Any]) -> Any:
-    """``get_preset(name, **overrides)``, with override keys checked against LlamaConfig's fields."""
-    known = set(inspect.signature(presets.LlamaConfig.__init__).parameters) - {"self", "kwargs"}
+def _preset_arch(name: str, overrides: dict[str, Any]) -> tuple[int, int, int | None]:
+    """The heads, KV heads and MLP width of ``get_preset(name, **overrides)``, with override keys
+    checked against LlamaConfig's fields; without overrides, read from the preset's dict."""
+    if not overrides:
+        values = presets.preset_dict(name)
+        heads = values["num_attention_heads"]
+        return heads, values.get("num_key_value_heads") or heads, values.get("intermediate_size")
+    from transformers import LlamaConfig
+
+    known = set(inspect.signature(LlamaConfig.__init__).parameters) - {"self", "kwargs"}
     known |= {key for values in presets.PRESETS.values() for key in values}  # config.json names (rope_theta)
     for key in overrides:
         if key not in known:
@@ -77,10 +86,11 @@ def _preset_arch(name: str, overrides: dict[str, Any]) -> Any:
             hint = f"; did you mean 'model.overrides.{near[0]}'?" if near else ""
             raise ConfigError(f"unknown architecture field 'model.overrides.{key}'{hint}", key=f"model.overrides.{key}")
     try:
-        return presets.get_preset(name, **overrides)
+        arch = presets.get_preset(name, **overrides)
     except Exception as err:  # LlamaConfig's validators raise assorted types (ValueError, StrictDataclassError)
         raise ConfigError(f"model.overrides do not give a valid architecture for preset '{name}': {err}",
                           key="model.overrides") from None
+    return arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:

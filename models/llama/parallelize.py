@@ -12,7 +12,8 @@ Plan (Megatron-style; ``n_chips`` = TP degree):
 KV heads: when ``n_chips`` divides ``num_key_value_heads`` they are split like the query heads;
 when ``n_chips`` is a multiple of them, every KV head is first replicated ``n_chips / kv`` times
 (which leaves the function unchanged) so each chip holds exactly the one KV head its query heads
-use. The rule and its error messages are :func:`check_tensor_parallel` (the config check calls it).
+use. The rule and its error messages are :func:`check_tensor_parallel` (the config check calls it;
+it lives in the torch-free ``tp_rule`` and is re-exported here).
 
 The same plan drives both the live model (:func:`parallelize_llama`, DTensor on a device mesh) and
 per-chip checkpoint shards (:func:`shard_tensor` / :func:`unshard_tensors`), so the two agree.
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from modelzoo.config import ConfigError
+from .tp_rule import _tp_problem, check_tensor_parallel, valid_n_chips  # noqa: F401 (re-exported)
 
 COLWISE = "colwise"
 ROWWISE = "rowwise"
@@ -75,44 +76,6 @@ class TPLayout:
     @property
     def lm_head_style(self) -> str:
         return REPLICATE if self.tied_embeddings else VOCAB
-
-
-def _tp_problem(heads: int, kv_heads: int, n_chips: int, intermediate_size: int | None) -> str | None:
-    """Why ``n_chips``-way TP cannot split this model (None: it can). The one statement of the rule."""
-    if heads % n_chips:
-        return f"does not divide num_attention_heads={heads}"
-    if intermediate_size is not None and intermediate_size % n_chips:
-        return f"does not divide intermediate_size={intermediate_size} (the MLP would shard unevenly)"
-    if kv_heads % n_chips and n_chips % kv_heads:
-        return f"neither divides nor is a multiple of num_key_value_heads={kv_heads}"
-    return None
-
-
-def valid_n_chips(heads: int, kv_heads: int, limit: int = 128, intermediate_size: int | None = None) -> list[int]:
-    """Every tensor-parallel degree up to ``limit`` that :func:`check_tensor_parallel` accepts."""
-    return [n for n in range(1, limit + 1) if _tp_problem(heads, kv_heads, n, intermediate_size) is None]
-
-
-def check_tensor_parallel(num_attention_heads: int, num_key_value_heads: int, n_chips: int,
-                          model_name: str, intermediate_size: int | None = None) -> str:
-    """How ``n_chips``-way tensor parallelism splits attention: ``"shard"`` or ``"replicate"``.
-
-    Query heads are always sharded, so ``num_attention_heads % n_chips == 0`` is required; the MLP
-    is sharded along its width, so ``intermediate_size % n_chips == 0`` too (when given: uneven
-    shards are refused, not padded). KV heads are sharded when ``num_key_value_heads % n_chips ==
-    0`` (``"shard"``), else, when ``n_chips % num_key_value_heads == 0``, each KV head is replicated
-    on ``n_chips / num_key_value_heads`` chips (``"replicate"``). Anything else raises
-    :class:`~modelzoo.config.ConfigError` (key ``samba_compile.n_chips``) listing the valid values.
-    """
-    if n_chips < 1:
-        raise ConfigError(f"samba_compile.n_chips must be >= 1, got {n_chips}", key="samba_compile.n_chips")
-    problem = _tp_problem(num_attention_heads, num_key_value_heads, n_chips, intermediate_size)
-    if problem is not None:
-        valid = ", ".join(map(str, valid_n_chips(num_attention_heads, num_key_value_heads,
-                                                 intermediate_size=intermediate_size)))
-        raise ConfigError(f"samba_compile.n_chips={n_chips} {problem} of model '{model_name}'; valid n_chips: {valid}",
-                          key="samba_compile.n_chips")
-    return "shard" if num_key_value_heads % n_chips == 0 else "replicate"
 
 
 def tp_layout(config: LlamaConfig, n_chips: int) -> TPLayout:

@@ -4,15 +4,17 @@ Every big preset carries the values of the official Hugging Face ``config.json``
 (written in the ``config.json`` vocabulary: ``rope_theta``/``rope_scaling``), so a model built from a
 preset has exactly the shapes of the published weights. Tiny presets exist for tests and demos; they
 keep each family's distinguishing features (MHA vs GQA, llama3 rope scaling, tied embeddings).
+The presets are plain dicts (no ``transformers`` import until :func:`get_preset` builds a config).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import LlamaConfig
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 _LLAMA2_COMMON: dict[str, Any] = {
     "vocab_size": 32000,
@@ -128,6 +130,8 @@ def preset_dict(name: str) -> dict[str, Any]:
 
 def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     """Build a ``transformers.LlamaConfig`` for preset ``name``; ``overrides`` replace single fields."""
+    from transformers import LlamaConfig
+
     values = preset_dict(name)
     values.update(overrides)
     return LlamaConfig(**values)

@@ -12,14 +12,12 @@ import argparse
 import copy
 import sys
 import time
-
-import torch
-
-from modelzoo.backends import get_backend
-from modelzoo.models.llama import from_pretrained, load_run_config, patch_llama
-from modelzoo.models.llama.parallelize import check_tensor_parallel
+from typing import TYPE_CHECKING
 
 from .errors import run_reporting_errors
+
+if TYPE_CHECKING:
+    import torch
 
 #: Materializing more than this (twice, in fp32) is not a quick check; shrink the model instead.
 MAX_CHECK_PARAMS = 1.5e9
@@ -52,6 +50,8 @@ def _row(name: str, diff: float, tol: float, seconds: float) -> bool:
 
 def _packed_inputs(vocab: int, seq_len: int, gen: torch.Generator):
     """One row of two articles (prompt, completion, separator), and the articles alone."""
+    import torch
+
     cut = max(seq_len // 3, 3)
     ids = torch.randint(3, vocab, (1, seq_len), generator=gen)
     types = torch.ones_like(ids)
@@ -63,7 +63,16 @@ def _packed_inputs(vocab: int, seq_len: int, gen: torch.Generator):
 
 
 def run_checks(args: argparse.Namespace) -> int:
+    from modelzoo.models.llama.checks import load_run_config
+
     cfg = load_run_config(args.config, args.overrides, kind="training")
+    # the config is valid: now the model (torch, transformers)
+    import torch
+
+    from modelzoo.backends import get_backend
+    from modelzoo.models.llama import from_pretrained, patch_llama
+    from modelzoo.models.llama.parallelize import check_tensor_parallel
+
     mcfg = cfg.model
     meta = from_pretrained(mcfg.name_or_path, device="meta", overrides=mcfg.overrides, patch=False)
     n_params = sum(p.numel() for p in meta.parameters())

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from modelzoo.checkpoint.hf_weights import CheckpointError
+from modelzoo.checkpoint.errors import CheckpointError
 from modelzoo.config import ConfigError
 
 EPILOG = """examples:

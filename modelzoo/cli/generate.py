@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from modelzoo.checkpoint.manager import resolve_model_dir
 from modelzoo.config import ConfigError, GenerationRunConfig, config_to_dict
 from modelzoo.config.build import build
 from modelzoo.config.checks import check_config
@@ -134,6 +133,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[GenerationRunConfig, str |
     for section, key in (("checkpoint", "load_path"), ("model", "name_or_path")):
         # a training run's dir, its checkpoints dir or its ``latest`` file mean the newest checkpoint
         if data[section].get(key) and Path(data[section][key]).exists():
+            from modelzoo.checkpoint.manager import resolve_model_dir
+
             data[section][key] = str(resolve_model_dir(data[section][key]))
     adapter = _adapter_of(data, args.adapter)
     flag_of = {FLAG_KEYS[d]: "--" + d.replace("_", "-") for d in given}
@@ -151,10 +152,12 @@ def _adapter_of(data: dict, flag: str | None) -> str | None:
     """The adapter dir to run: ``--adapter`` (a LoRA run's dir meaning its newest checkpoint), or
     the one the weights source holds when it is an adapter and no model (a LoRA run's checkpoint);
     then the source becomes that adapter's base, in ``data``."""
-    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
-
     section, key = ("checkpoint", "load_path") if data["checkpoint"].get("load_path") else ("model", "name_or_path")
     path = data[section].get(key)
+    if not flag and not (path and Path(path).is_dir()):  # a preset, or no dir yet: no adapter (nor torch import)
+        return None
+    from modelzoo.peft.locate import adapter_base, holds_adapter, resolve_adapter_dir
+
     if not (path and holds_adapter(path)):
         return str(resolve_adapter_dir(flag)) if flag else None
     if flag:
