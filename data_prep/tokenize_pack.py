@@ -21,6 +21,7 @@ from modelzoo.data_prep.input_files import InputFile, LineBlock, LineLimit
 from modelzoo.data_prep.metrics import SplitMetrics
 from modelzoo.data_prep.options import PrepOptions, SplitOptions
 from modelzoo.data_prep.packing import Packer
+from modelzoo.data_prep.progress import TokenProgress
 from modelzoo.data_prep.splits import DEV, SPLIT_NAMES, TEST, TRAIN, SplitAssigner
 from modelzoo.data_prep.tokenizer_io import TokenizerSpec
 from modelzoo.data_prep.workers import TokenizerPool
@@ -104,6 +105,7 @@ class TokenizePack:
         self.bad_log_path = Path(bad_log_dir) / BAD_LINES_LOG
         self._bad_log = None
         self._read_bytes = 0
+        self._chunk_ends: dict[int, int] = {}  # chunk index -> input bytes read when it was cut
 
     def chunks(
         self, source: Iterator[LineBlock], assigner: SplitAssigner, test_out: list | None
@@ -127,23 +129,21 @@ class TokenizePack:
                 p = pending[code]
                 p.add(line, file_idx[i], line_no[i])
                 if p.bytes >= CHUNK_BYTES or len(p.lines) >= CHUNK_LINES:
+                    self._chunk_ends[index] = self._read_bytes
                     yield p.take(index, code)
                     index += 1
         for split in (TRAIN, DEV):
             if pending[split].lines:
+                self._chunk_ends[index] = self._read_bytes
                 yield pending[split].take(index, split)
                 index += 1
 
     def tokenize_and_pack(
         self, pool: TokenizerPool, source, test_out, assigner: SplitAssigner | None = None
     ) -> None:
-        from tqdm import tqdm
-
         assigner = assigner or SplitAssigner(SplitOptions())
-        total_bytes = max(1, sum(f.size for f in self.files))
-        with tqdm(
-            unit="tok", unit_scale=True, desc="tokenizing", disable=self._progress_disabled(), file=sys.stderr
-        ) as bar:
+        total_bytes = sum(f.size for f in self.files)
+        with TokenProgress(total_bytes, self.opts.progress) as bar:
             for res in pool.imap(self.chunks(source, assigner, test_out)):
                 m = self.metrics[res.split]
                 m.articles += res.articles
@@ -153,10 +153,7 @@ class TokenizePack:
                 self.sinks[res.split].append(
                     self.packers[res.split].add(res.ids, res.types, res.unit_lengths)
                 )
-                bar.update(len(res.ids))
-                bar.set_postfix_str(
-                    f"read {min(100.0, 100 * self._read_bytes / total_bytes):.0f}%", refresh=False
-                )
+                bar.update(len(res.ids), self._chunk_ends.pop(res.index))
         for split in (TRAIN, DEV):
             self.sinks[split].append(self.packers[split].finish())
             self.sinks[split].close()
@@ -180,11 +177,6 @@ class TokenizePack:
             self._log_bad_lines([message])
 
         return LineLimit(self.opts.max_line_bytes, report)
-
-    def _progress_disabled(self) -> bool | None:
-        if self.opts.progress is None:
-            return None  # tqdm: only on a terminal
-        return not self.opts.progress
 
     def _log_bad_lines(self, lines: list[str]) -> None:
         if self._bad_log is None:
