@@ -2,7 +2,7 @@
 
 ``TokenizePack.tokenize_and_pack`` streams: lines are assigned to splits in order (test lines are
 written raw as they pass), train/dev lines are grouped into chunks of about CHUNK_BYTES whose
-boundaries depend only on the line order (so the output does not depend on ``--num_workers``),
+boundaries depend only on the line order (so the output does not depend on ``--num-workers``),
 results come back in order and each split's packer appends its rows to the split's row files.
 """
 
@@ -112,7 +112,7 @@ class TokenizePack:
     ) -> Iterator[Chunk]:
         """Train/dev lines in chunks of about CHUNK_BYTES (at most CHUNK_LINES); test lines written raw.
 
-        Chunk boundaries depend only on the line order, so results do not depend on --num_workers.
+        Chunk boundaries depend only on the line order, so results do not depend on --num-workers.
         """
         pending = {TRAIN: PendingChunk(), DEV: PendingChunk()}
         index = 0
@@ -162,16 +162,16 @@ class TokenizePack:
             self._bad_log.close()
 
     def line_limit(self) -> LineLimit:
-        """``--max_line_bytes`` for the line reader: a longer line stops the run, or is skipped and
-        logged with ``--ignore_input_format_error`` (checked before the line is read whole)."""
+        """``--max-line-bytes`` for the line reader: a longer line stops the run, or is skipped and
+        logged with ``--ignore-input-format-error`` (checked before the line is read whole)."""
 
         def report(path: Path, line_no: int, size: int) -> None:
-            message = (f"{path}:{line_no}: line longer than --max_line_bytes {self.opts.max_line_bytes} "
+            message = (f"{path}:{line_no}: line longer than --max-line-bytes {self.opts.max_line_bytes} "
                        f"(at least {size} bytes)")
             if not self.opts.ignore_input_format_error:
                 raise DataPrepError(
-                    f"{message} -- split the text over several lines, raise --max_line_bytes (tokenizing"
-                    " takes 100-200x the line's size in memory), or pass --ignore_input_format_error"
+                    f"{message} -- split the text over several lines, raise --max-line-bytes (tokenizing"
+                    " takes 100-200x the line's size in memory), or pass --ignore-input-format-error"
                     " to skip it"
                 )
             self._log_bad_lines([message])
@@ -200,24 +200,24 @@ class TokenizePack:
         name, m = SPLIT_NAMES[split], self.metrics[split]
         lines = self.lines_by_split[split]
         if lines == 0:
-            return f"the {name} split got no input lines; add data or change --dev_ratio/--test_ratio/--num_*_splits"
+            return f"the {name} split got no input lines; add data or change --dev-ratio/--test-ratio/--num_*_splits"
         reasons = []
         if self.bad_lines:
             reasons.append(f"{self.bad_lines} bad lines were skipped (see {BAD_LINES_LOG})")
         if m.pairs_dropped_no_completion:
             reasons.append(
-                f"{m.pairs_dropped_no_completion} pairs had an empty completion (--keep_prompt_only_sequences keeps them)"
+                f"{m.pairs_dropped_no_completion} pairs had an empty completion (--keep-prompt-only-sequences keeps them)"
             )
         if m.tokens_dropped_from_packing:
             reasons.append(
-                f"{m.tokens_dropped_from_packing} tokens of articles longer than --max_seq_length "
-                f"{self.opts.max_seq_length} were dropped by --input_packing_config {self.opts.packing} "
-                "(use a truncate_* overflow, full packing, or a larger --max_seq_length)"
+                f"{m.tokens_dropped_from_packing} tokens of articles longer than --max-seq-length "
+                f"{self.opts.max_seq_length} were dropped by --input-packing-config {self.opts.packing} "
+                "(use a truncate_* overflow, full packing, or a larger --max-seq-length)"
             )
         if m.tokens_dropped_from_all_prompt:
             reasons.append(
                 f"{m.tokens_dropped_from_all_prompt} tokens were in rows without a completion token "
-                "(--keep_prompt_only_sequences keeps them)"
+                "(--keep-prompt-only-sequences keeps them)"
             )
         detail = "; ".join(reasons) or "the lines held no text to tokenize"
         return f"no {name} sequences were produced from {lines} {name} lines: {detail}"
@@ -229,7 +229,7 @@ class TokenizePack:
                 share = 100 * m.tokens_dropped_from_packing / max(1, m.input_tokens)
                 log(
                     f"warning: {name}: {m.tokens_dropped_from_packing:,} tokens ({share:.1f}%) of articles longer than "
-                    f"--max_seq_length {self.opts.max_seq_length} were dropped/truncated by {self.opts.packing}"
+                    f"--max-seq-length {self.opts.max_seq_length} were dropped/truncated by {self.opts.packing}"
                 )
             if m.tokens_dropped_from_all_prompt:
                 log(
@@ -237,5 +237,5 @@ class TokenizePack:
                 )
         if self.bad_lines:
             log(
-                f"warning: skipped {self.bad_lines:,} bad input lines (--ignore_input_format_error); listed in {bad_log_where}"
+                f"warning: skipped {self.bad_lines:,} bad input lines (--ignore-input-format-error); listed in {bad_log_where}"
             )
