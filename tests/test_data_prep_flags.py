@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import io
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,27 @@ def test_cli_progress_goes_to_stderr_only(tmp_path, llama_like_tok, capsys):
     assert "tokenizing" not in captured.out and "Tokens in (tokenized)" in captured.out
     tokens = yaml.safe_load((tmp_path / "ds" / "metadata.yaml").read_text())["train_input_tokens"]
     assert f" {tqdm.format_sizeof(tokens)} tok [" in final[-1].group(0)
+
+
+# -- the docs ------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "examples/training/README.md"]
+
+
+def documented_commands(text: str) -> list[list[str]]:
+    """Every ``modelzoo-data-prep ...`` command of the doc's code blocks, as argv (after the program)."""
+    text = text.replace("\\\n", " ")
+    commands = []
+    for match in re.finditer(r"modelzoo-data-prep ([^\n`]*)", text):
+        line = re.split(r"\s(?:&&|#)\s", match.group(1))[0]
+        commands.append(shlex.split(line))
+    return commands
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_use_kebab_flags_and_parse(doc):
+    commands = [c for c in documented_commands((REPO / doc).read_text(encoding="utf-8")) if c and c[0] != "--help"]
+    assert commands, f"{doc}: no modelzoo-data-prep command"
+    for argv in commands:
+        assert not [a for a in argv if a.startswith("--") and "_" in a], argv
+        build_parser().parse_args(argv)  # exits 2 on a flag the command does not know
