@@ -1,18 +1,18 @@
 """Lines -> token ids and token types, a chunk of lines at a time (runs in worker processes).
 
 The contract (ARCHITECTURE.md, Contracts), per prompt/completion pair: the prompt is right-stripped of spaces and the
-completion gets exactly one leading space (unless ``--disable_space_separator``); ``--prompt_prefix``
-/ ``--prompt_postfix`` wrap a non-empty prompt. Each text is encoded without the tokenizer's own
+completion gets exactly one leading space (unless ``--disable-space-separator``); ``--prompt-prefix``
+/ ``--prompt-postfix`` wrap a non-empty prompt. Each text is encoded without the tokenizer's own
 special tokens; its start tokens (BOS) are put before the prompt, or before the completion when the
 pair has no prompt; an EOS the tokenizer would append is never added; one EOS closes every pair.
 Types: prompt 0, completion 1, the closing EOS 1, except 3 (separator) for the last pair of an
-article and, with ``--attention_boundary prompt_completion_pair``, for every pair.
+article and, with ``--attention-boundary prompt_completion_pair``, for every pair.
 A ``{"text": ...}`` line or a .txt line is one article of completion tokens (with start tokens, no
-added space). Pairs with an empty completion are skipped unless ``--keep_prompt_only_sequences``.
-With ``--apply_chat_template`` the (prefixed) prompt becomes the template's user turn plus its
+added space). Pairs with an empty completion are skipped unless ``--keep-prompt-only-sequences``.
+With ``--apply-chat-template`` the (prefixed) prompt becomes the template's user turn plus its
 generation prompt, encoded as is (the template holds its own BOS), and the completion is left as is.
 
-Packing units: a whole article (``--packing_boundary jsonl``) or each pair (``prompt_completion_pair``).
+Packing units: a whole article (``--packing-boundary jsonl``) or each pair (``prompt_completion_pair``).
 Only numpy, json and ``tokenizers`` are imported, so worker processes start fast.
 """
 
@@ -68,7 +68,7 @@ class TokenizedChunk:
     """A chunk's packing units, concatenated in order.
 
     ids int32 ``[T]``, types uint8 ``[T]``; unit_lengths int64 ``[U]`` with ``sum == T``.
-    bad_lines: ``file:line: reason`` of lines skipped by ``--ignore_input_format_error``.
+    bad_lines: ``file:line: reason`` of lines skipped by ``--ignore-input-format-error``.
     """
 
     index: int
@@ -128,7 +128,7 @@ class ChunkTokenizer:
                 keys = ", ".join(list(item)[:6])
                 raise BadLine(
                     f"missing '{self.s.completion_keyword}' key (keys: {keys}); name the key with "
-                    '--completion_keyword, or use {"text": ...} for plain text'
+                    '--completion-keyword, or use {"text": ...} for plain text'
                 )
             prompt = _as_str(item.get(self.s.prompt_keyword), self.s.prompt_keyword)
             completion = _as_str(item[self.s.completion_keyword], self.s.completion_keyword)
@@ -169,7 +169,7 @@ class ChunkTokenizer:
                 message = f"{where}: {err}: {snippet!r}"
                 if not s.ignore_input_format_error:
                     raise DataPrepError(
-                        f"{message} -- fix the line, or pass --ignore_input_format_error to skip bad lines"
+                        f"{message} -- fix the line, or pass --ignore-input-format-error to skip bad lines"
                     ) from None
                 bad_lines.append(message)
                 continue

@@ -1,12 +1,12 @@
 """Find the input files and stream their lines as raw bytes, with file and line numbers for errors.
 
-Line length is bounded (``--max_line_bytes``, default MAX_LINE_BYTES = 16 MiB): a longer line is
+Line length is bounded (``--max-line-bytes``, default MAX_LINE_BYTES = 16 MiB): a longer line is
 never held whole -- the reader keeps at most the limit plus one read block, reports the line
 (``LineLimit.report``: a format error naming file:line, or a skipped line with
-``--ignore_input_format_error``) and skips to the next newline. Why a limit: tokenizing one line
+``--ignore-input-format-error``) and skips to the next newline. Why a limit: tokenizing one line
 takes memory 100-200 times its size in a worker (a 50 MB line took 10 GB), so one huge line can take
-a machine down. Why 16 MiB: that is about 4M tokens, four times the largest ``--max_seq_length``
-allowed without ``--allow_long_sequences``; real articles (whole books included) are far below it,
+a machine down. Why 16 MiB: that is about 4M tokens, four times the largest ``--max-seq-length``
+allowed without ``--allow-long-sequences``; real articles (whole books included) are far below it,
 and it costs at most about 3 GB in one worker. Raise the flag for longer lines if the memory is there.
 """
 
@@ -52,25 +52,25 @@ class LineBlock:
 
 
 def resolve_inputs(input_path: str) -> list[InputFile]:
-    """The ``.jsonl``/``.txt`` files named by ``--input_path`` (a file, or a dir: its top-level
+    """The ``.jsonl``/``.txt`` files named by ``--input-path`` (a file, or a dir: its top-level
     files, sorted by name). Raises DataPrepError when there is nothing to read."""
     path = Path(input_path)
     if not path.exists():
-        raise DataPrepError(f"--input_path {input_path} does not exist")
+        raise DataPrepError(f"--input-path {input_path} does not exist")
     if path.is_dir():
         paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
         if not paths:
-            raise DataPrepError(f"--input_path {input_path}: the directory holds no .jsonl or .txt files")
+            raise DataPrepError(f"--input-path {input_path}: the directory holds no .jsonl or .txt files")
     else:
         if path.suffix not in INPUT_SUFFIXES:
             raise DataPrepError(
-                f"--input_path {input_path}: expected a .jsonl or .txt file (or a directory of them); "
+                f"--input-path {input_path}: expected a .jsonl or .txt file (or a directory of them); "
                 "rename the file if its content is jsonl or one document per line"
             )
         paths = [path]
     files = [InputFile(p, p.suffix == ".jsonl", p.stat().st_size) for p in paths]
     if sum(f.size for f in files) == 0:
-        raise DataPrepError(f"--input_path {input_path} is empty: there are no lines to tokenize")
+        raise DataPrepError(f"--input-path {input_path} is empty: there are no lines to tokenize")
     return files
 
 

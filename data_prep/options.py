@@ -1,4 +1,7 @@
-"""Parsed and validated options of a data-prep run (flag names as in generative_data_prep)."""
+"""Parsed and validated options of a data-prep run.
+
+Errors name the command-line flags in their kebab-case spelling (``--max-seq-length``); the CLI also
+accepts generative_data_prep's snake_case spelling of each (``--max_seq_length``)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ from modelzoo.data_prep.input_files import MAX_LINE_BYTES
 PACKING_STYLES = ("full", "greedy", "single")
 OVERFLOW_TYPES = ("drop", "truncate_left", "truncate_right")
 BOUNDARIES = ("jsonl", "prompt_completion_pair")
-SHUFFLE_MODES = ("False", "on_RAM", "large_file")
+SHUFFLE_MODES = ("False", "on_RAM", "large_file")  # as generative_data_prep names them (and metadata.yaml)
+SHUFFLE_CHOICES = ("off", "on_RAM", "large_file")  # what --help shows: "off" is "False"
+_SHUFFLE_OFF = ("off", "False", "false")
+
+
+def shuffle_mode(text: str) -> str:
+    """A ``--shuffle`` value as stored (``off``/``false`` -> ``False``); anything unknown is kept, for
+    ``PrepOptions.validate`` to refuse."""
+    return "False" if text in _SHUFFLE_OFF else text
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,7 @@ class PackingConfig:
             return cls("full")
         if len(parts) == 2 and parts[0] in ("greedy", "single") and parts[1] in OVERFLOW_TYPES:
             return cls(parts[0], parts[1])
-        raise DataPrepError(f"--input_packing_config '{text}' is not one of: {', '.join(packing_choices())}")
+        raise DataPrepError(f"--input-packing-config '{text}' is not one of: {', '.join(packing_choices())}")
 
     def __str__(self) -> str:
         return self.style if self.overflow is None else f"{self.style}::{self.overflow}"
@@ -60,24 +71,24 @@ class SplitOptions:
         if any(c is not None for c in counts):
             if self.num_training_splits is None or any(c is None for c in counts):
                 raise DataPrepError(
-                    "--num_dev_splits and --num_test_splits go together with --num_training_splits: "
-                    "give all three (or use --dev_ratio/--test_ratio)"
+                    "--num-dev-splits and --num-test-splits go together with --num-training-splits: "
+                    "give all three (or use --dev-ratio/--test-ratio)"
                 )
             if self.dev_ratio is not None or self.test_ratio is not None:
                 raise DataPrepError(
-                    "give either --dev_ratio/--test_ratio or --num_dev_splits/--num_test_splits, not both"
+                    "give either --dev-ratio/--test-ratio or --num-dev-splits/--num-test-splits, not both"
                 )
-        for flag, value in (("--dev_ratio", self.dev_ratio), ("--test_ratio", self.test_ratio)):
+        for flag, value in (("--dev-ratio", self.dev_ratio), ("--test-ratio", self.test_ratio)):
             if value is not None and not 0.0 <= value < 1.0:
                 raise DataPrepError(f"{flag} {value} must be in [0, 1)")
         if (self.dev_ratio or 0.0) + (self.test_ratio or 0.0) >= 1.0:
             raise DataPrepError(
-                "--dev_ratio + --test_ratio must be below 1 (no data would be left for training)"
+                "--dev-ratio + --test-ratio must be below 1 (no data would be left for training)"
             )
         for flag, value, low in (
-            ("--num_training_splits", self.num_training_splits, 1),
-            ("--num_dev_splits", self.num_dev_splits, 0),
-            ("--num_test_splits", self.num_test_splits, 0),
+            ("--num-training-splits", self.num_training_splits, 1),
+            ("--num-dev-splits", self.num_dev_splits, 0),
+            ("--num-test-splits", self.num_test_splits, 0),
         ):
             if value is not None and value < low:
                 raise DataPrepError(f"{flag} {value} must be >= {low}")
@@ -109,31 +120,37 @@ class PrepOptions:
     overwrite_output_path: bool = False
     ignore_input_format_error: bool = False
     compression: str = "gzip"
-    allow_long_sequences: bool = False  # skip the --max_seq_length check against the tokenizer/model
+    allow_long_sequences: bool = False  # skip the --max-seq-length check against the tokenizer/model
     max_line_bytes: int = MAX_LINE_BYTES  # longer input lines are format errors (see input_files)
-    progress: bool | None = None  # None: a bar only when stderr is a terminal
+    # tokens/s + ETA on stderr: True always (plain lines when not a terminal), False never, None on a terminal
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.shuffle = shuffle_mode(self.shuffle)
 
     def validate(self) -> None:
         if self.max_seq_length < 2:
-            raise DataPrepError(f"--max_seq_length {self.max_seq_length} must be >= 2")
+            raise DataPrepError(f"--max-seq-length {self.max_seq_length} must be >= 2")
         for flag, value in (
-            ("--packing_boundary", self.packing_boundary),
-            ("--attention_boundary", self.attention_boundary),
+            ("--packing-boundary", self.packing_boundary),
+            ("--attention-boundary", self.attention_boundary),
         ):
             if value not in BOUNDARIES:
                 raise DataPrepError(f"{flag} '{value}' is not one of: {', '.join(BOUNDARIES)}")
         if self.shuffle not in SHUFFLE_MODES:
-            raise DataPrepError(f"--shuffle '{self.shuffle}' is not one of: {', '.join(SHUFFLE_MODES)}")
+            raise DataPrepError(
+                f"--shuffle '{self.shuffle}' is not one of: {', '.join(SHUFFLE_CHOICES)} (off may be given as False)"
+            )
         if self.max_line_bytes < 1:
-            raise DataPrepError(f"--max_line_bytes {self.max_line_bytes} must be >= 1")
+            raise DataPrepError(f"--max-line-bytes {self.max_line_bytes} must be >= 1")
         if self.num_workers < 0:
             raise DataPrepError(
-                f"--num_workers {self.num_workers} must be >= 0 (0 tokenizes in the main process)"
+                f"--num-workers {self.num_workers} must be >= 0 (0 tokenizes in the main process)"
             )
         if self.shuffle_ram_mb <= 0:
-            raise DataPrepError(f"--shuffle_ram_mb {self.shuffle_ram_mb} must be > 0")
+            raise DataPrepError(f"--shuffle-ram-mb {self.shuffle_ram_mb} must be > 0")
         if self.compression not in ("gzip", "lzf", "none"):
             raise DataPrepError(f"--compression '{self.compression}' is not one of: gzip, lzf, none")
         if self.prompt_keyword == self.completion_keyword:
-            raise DataPrepError("--prompt_keyword and --completion_keyword must differ")
+            raise DataPrepError("--prompt-keyword and --completion-keyword must differ")
         self.splits.validate()

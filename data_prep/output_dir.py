@@ -1,9 +1,9 @@
 """Atomic output on top of ``modelzoo.checkpoint.atomic``: build in hidden scratch beside the target,
 rename into place at the end.
 
-A run that fails, is interrupted or is killed leaves ``--output_path`` as it was (a kill leaves at most
+A run that fails, is interrupted or is killed leaves ``--output-path`` as it was (a kill leaves at most
 hidden ``.NAME.tmp-*`` / ``.NAME.work-*`` scratch, which carries an owner file; the next run removes
-it once its process is gone and says so). What ``--overwrite_output_path`` may replace, and nothing
+it once its process is gone and says so). What ``--overwrite-output-path`` may replace, and nothing
 else is ever deleted:
 
 * a directory (``pipeline``): an empty one, or a dataset this tool or generative_data_prep wrote,
@@ -27,7 +27,7 @@ from modelzoo.data.dataset_layout import BOOKKEEPING_FILES, MANIFEST_FILE, flat_
 from modelzoo.data_prep.errors import DataPrepError
 from modelzoo.data_prep.tokenize_pack import log
 
-WHAT, FLAG = "--output_path", "--overwrite_output_path"
+WHAT, FLAG = "--output-path", "--overwrite-output-path"
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ class RunResult:
 
 # -- the two jobs ------------------------------------------------------------------------------
 def _open_tokenizer(opts: PrepOptions):
-    """The tokenizer and its spec; ``--max_seq_length`` is checked against it here, before any work."""
+    """The tokenizer and its spec; ``--max-seq-length`` is checked against it here, before any work."""
     tok = load_tokenizer(opts.pretrained_tokenizer)
     if not opts.allow_long_sequences:
         check_max_seq_length(tok, opts.pretrained_tokenizer, opts.max_seq_length)
@@ -100,7 +100,7 @@ def run_pipeline(opts: PrepOptions) -> RunResult:
 
 
 def run_data_prep(opts: PrepOptions) -> RunResult:
-    """One input file -> one .hdf5 file at ``--output_path`` (no shuffling, splitting or metadata)."""
+    """One input file -> one .hdf5 file at ``--output-path`` (no shuffling, splitting or metadata)."""
     start = time.perf_counter()
     opts.validate()
     files = resolve_inputs(opts.input_path)
@@ -194,7 +194,7 @@ def _check_not_empty(run: TokenizePack, opts: PrepOptions, assigner: SplitAssign
             if run.bad_lines
             else "only blank lines or empty texts"
         )
-        raise DataPrepError(f"--input_path {opts.input_path}: no usable lines ({detail})")
+        raise DataPrepError(f"--input-path {opts.input_path}: no usable lines ({detail})")
     for split in (TRAIN, DEV):
         if (split == TRAIN or assigner.wants_dev) and run.sinks[split].rows == 0:
             raise DataPrepError(run.why_empty(split))
@@ -204,10 +204,10 @@ def _file_counts(run: TokenizePack, opts: PrepOptions, assigner: SplitAssigner, 
     cap = default_file_cap(input_bytes)
     s = opts.splits
     counts = {
-        TRAIN: choose_num_files(run.sinks[TRAIN].rows, s.num_training_splits, cap, "--num_training_splits")
+        TRAIN: choose_num_files(run.sinks[TRAIN].rows, s.num_training_splits, cap, "--num-training-splits")
     }
     counts[DEV] = (
-        choose_num_files(run.sinks[DEV].rows, s.num_dev_splits, cap, "--num_dev_splits")
+        choose_num_files(run.sinks[DEV].rows, s.num_dev_splits, cap, "--num-dev-splits")
         if assigner.wants_dev
         else 0
     )

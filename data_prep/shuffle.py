@@ -44,7 +44,7 @@ def _shuffle_in_ram(files: list[InputFile], seed: int, limit: LineLimit | None) 
     if available is not None and needed > available:
         raise DataPrepError(
             f"--shuffle on_RAM needs about {needed >> 20} MB of RAM for {total >> 20} MB of input, but only "
-            f"{available >> 20} MB is available; use --shuffle large_file (bounded by --shuffle_ram_mb)"
+            f"{available >> 20} MB is available; use --shuffle large_file (bounded by --shuffle-ram-mb)"
         )
     lines: list[bytes] = []
     file_idx, line_no = [], []

@@ -1,17 +1,17 @@
 """Train/dev/test assignment of lines, the number of files per split, and balanced file ranges.
 
 Lines are assigned in (shuffled) order, before tokenizing:
-- by ratio (``--dev_ratio``/``--test_ratio``): line k goes to test when frac(k * phi) < test_ratio,
+- by ratio (``--dev-ratio``/``--test-ratio``): line k goes to test when frac(k * phi) < test_ratio,
   to dev when it is below test_ratio + dev_ratio, else to train (phi = golden ratio: a
   low-discrepancy sequence, so the shares are exact to a few lines and evenly interleaved);
-- by count (``--num_training_splits N --num_dev_splits M --num_test_splits T``), as
+- by count (``--num-training-splits N --num-dev-splits M --num-test-splits T``), as
   generative_data_prep: line k goes to slot k mod (N+T+M); slots 0..N-1 train, then test, then dev.
 
-Number of training files (``--num_training_splits`` unset): a power of two, so that every
+Number of training files (``--num-training-splits`` unset): a power of two, so that every
 power-of-two data-parallel degree up to it divides it: 32 (128 from 10 GiB of input, 256 from
 100 GiB, as generative_data_prep), halved while a file would hold fewer than
 MIN_SEQUENCES_PER_FILE sequences (so small data gets fewer files, down to 1). Dev files follow the
-same rule. Test files: ``--num_test_splits``, else 1 when there is a test split.
+same rule. Test files: ``--num-test-splits``, else 1 when there is a test split.
 Sequences are dealt to files in contiguous ranges whose sizes differ by at most one.
 """
 

@@ -2,7 +2,7 @@
 
 ``TokenizePack.tokenize_and_pack`` streams: lines are assigned to splits in order (test lines are
 written raw as they pass), train/dev lines are grouped into chunks of about CHUNK_BYTES whose
-boundaries depend only on the line order (so the output does not depend on ``--num_workers``),
+boundaries depend only on the line order (so the output does not depend on ``--num-workers``),
 results come back in order and each split's packer appends its rows to the split's row files.
 """
 
@@ -21,6 +21,7 @@ from modelzoo.data_prep.input_files import InputFile, LineBlock, LineLimit
 from modelzoo.data_prep.metrics import SplitMetrics
 from modelzoo.data_prep.options import PrepOptions, SplitOptions
 from modelzoo.data_prep.packing import Packer
+from modelzoo.data_prep.progress import TokenProgress
 from modelzoo.data_prep.splits import DEV, SPLIT_NAMES, TEST, TRAIN, SplitAssigner
 from modelzoo.data_prep.tokenizer_io import TokenizerSpec
 from modelzoo.data_prep.workers import TokenizerPool
@@ -104,13 +105,14 @@ class TokenizePack:
         self.bad_log_path = Path(bad_log_dir) / BAD_LINES_LOG
         self._bad_log = None
         self._read_bytes = 0
+        self._chunk_ends: dict[int, int] = {}  # chunk index -> input bytes read when it was cut
 
     def chunks(
         self, source: Iterator[LineBlock], assigner: SplitAssigner, test_out: list | None
     ) -> Iterator[Chunk]:
         """Train/dev lines in chunks of about CHUNK_BYTES (at most CHUNK_LINES); test lines written raw.
 
-        Chunk boundaries depend only on the line order, so results do not depend on --num_workers.
+        Chunk boundaries depend only on the line order, so results do not depend on --num-workers.
         """
         pending = {TRAIN: PendingChunk(), DEV: PendingChunk()}
         index = 0
@@ -127,23 +129,21 @@ class TokenizePack:
                 p = pending[code]
                 p.add(line, file_idx[i], line_no[i])
                 if p.bytes >= CHUNK_BYTES or len(p.lines) >= CHUNK_LINES:
+                    self._chunk_ends[index] = self._read_bytes
                     yield p.take(index, code)
                     index += 1
         for split in (TRAIN, DEV):
             if pending[split].lines:
+                self._chunk_ends[index] = self._read_bytes
                 yield pending[split].take(index, split)
                 index += 1
 
     def tokenize_and_pack(
         self, pool: TokenizerPool, source, test_out, assigner: SplitAssigner | None = None
     ) -> None:
-        from tqdm import tqdm
-
         assigner = assigner or SplitAssigner(SplitOptions())
-        total_bytes = max(1, sum(f.size for f in self.files))
-        with tqdm(
-            unit="tok", unit_scale=True, desc="tokenizing", disable=self._progress_disabled(), file=sys.stderr
-        ) as bar:
+        total_bytes = sum(f.size for f in self.files)
+        with TokenProgress(total_bytes, self.opts.progress) as bar:
             for res in pool.imap(self.chunks(source, assigner, test_out)):
                 m = self.metrics[res.split]
                 m.articles += res.articles
@@ -153,10 +153,7 @@ class TokenizePack:
                 self.sinks[res.split].append(
                     self.packers[res.split].add(res.ids, res.types, res.unit_lengths)
                 )
-                bar.update(len(res.ids))
-                bar.set_postfix_str(
-                    f"read {min(100.0, 100 * self._read_bytes / total_bytes):.0f}%", refresh=False
-                )
+                bar.update(len(res.ids), self._chunk_ends.pop(res.index))
         for split in (TRAIN, DEV):
             self.sinks[split].append(self.packers[split].finish())
             self.sinks[split].close()
@@ -165,26 +162,21 @@ class TokenizePack:
             self._bad_log.close()
 
     def line_limit(self) -> LineLimit:
-        """``--max_line_bytes`` for the line reader: a longer line stops the run, or is skipped and
-        logged with ``--ignore_input_format_error`` (checked before the line is read whole)."""
+        """``--max-line-bytes`` for the line reader: a longer line stops the run, or is skipped and
+        logged with ``--ignore-input-format-error`` (checked before the line is read whole)."""
 
         def report(path: Path, line_no: int, size: int) -> None:
-            message = (f"{path}:{line_no}: line longer than --max_line_bytes {self.opts.max_line_bytes} "
+            message = (f"{path}:{line_no}: line longer than --max-line-bytes {self.opts.max_line_bytes} "
                        f"(at least {size} bytes)")
             if not self.opts.ignore_input_format_error:
                 raise DataPrepError(
-                    f"{message} -- split the text over several lines, raise --max_line_bytes (tokenizing"
-                    " takes 100-200x the line's size in memory), or pass --ignore_input_format_error"
+                    f"{message} -- split the text over several lines, raise --max-line-bytes (tokenizing"
+                    " takes 100-200x the line's size in memory), or pass --ignore-input-format-error"
                     " to skip it"
                 )
             self._log_bad_lines([message])
 
         return LineLimit(self.opts.max_line_bytes, report)
-
-    def _progress_disabled(self) -> bool | None:
-        if self.opts.progress is None:
-            return None  # tqdm: only on a terminal
-        return not self.opts.progress
 
     def _log_bad_lines(self, lines: list[str]) -> None:
         if self._bad_log is None:
@@ -208,24 +200,24 @@ class TokenizePack:
         name, m = SPLIT_NAMES[split], self.metrics[split]
         lines = self.lines_by_split[split]
         if lines == 0:
-            return f"the {name} split got no input lines; add data or change --dev_ratio/--test_ratio/--num_*_splits"
+            return f"the {name} split got no input lines; add data or change --dev-ratio/--test-ratio/--num_*_splits"
         reasons = []
         if self.bad_lines:
             reasons.append(f"{self.bad_lines} bad lines were skipped (see {BAD_LINES_LOG})")
         if m.pairs_dropped_no_completion:
             reasons.append(
-                f"{m.pairs_dropped_no_completion} pairs had an empty completion (--keep_prompt_only_sequences keeps them)"
+                f"{m.pairs_dropped_no_completion} pairs had an empty completion (--keep-prompt-only-sequences keeps them)"
             )
         if m.tokens_dropped_from_packing:
             reasons.append(
-                f"{m.tokens_dropped_from_packing} tokens of articles longer than --max_seq_length "
-                f"{self.opts.max_seq_length} were dropped by --input_packing_config {self.opts.packing} "
-                "(use a truncate_* overflow, full packing, or a larger --max_seq_length)"
+                f"{m.tokens_dropped_from_packing} tokens of articles longer than --max-seq-length "
+                f"{self.opts.max_seq_length} were dropped by --input-packing-config {self.opts.packing} "
+                "(use a truncate_* overflow, full packing, or a larger --max-seq-length)"
             )
         if m.tokens_dropped_from_all_prompt:
             reasons.append(
                 f"{m.tokens_dropped_from_all_prompt} tokens were in rows without a completion token "
-                "(--keep_prompt_only_sequences keeps them)"
+                "(--keep-prompt-only-sequences keeps them)"
             )
         detail = "; ".join(reasons) or "the lines held no text to tokenize"
         return f"no {name} sequences were produced from {lines} {name} lines: {detail}"
@@ -237,7 +229,7 @@ class TokenizePack:
                 share = 100 * m.tokens_dropped_from_packing / max(1, m.input_tokens)
                 log(
                     f"warning: {name}: {m.tokens_dropped_from_packing:,} tokens ({share:.1f}%) of articles longer than "
-                    f"--max_seq_length {self.opts.max_seq_length} were dropped/truncated by {self.opts.packing}"
+                    f"--max-seq-length {self.opts.max_seq_length} were dropped/truncated by {self.opts.packing}"
                 )
             if m.tokens_dropped_from_all_prompt:
                 log(
@@ -245,5 +237,5 @@ class TokenizePack:
                 )
         if self.bad_lines:
             log(
-                f"warning: skipped {self.bad_lines:,} bad input lines (--ignore_input_format_error); listed in {bad_log_where}"
+                f"warning: skipped {self.bad_lines:,} bad input lines (--ignore-input-format-error); listed in {bad_log_where}"
             )

@@ -58,38 +58,38 @@ def load_tokenizer(path: str):
             tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
         else:
             raise DataPrepError(
-                f"--pretrained_tokenizer {path}: not a tokenizer directory or a sentencepiece .model file "
+                f"--pretrained-tokenizer {path}: not a tokenizer directory or a sentencepiece .model file "
                 "(nothing is downloaded; pass a local dir written by save_pretrained)"
             )
     except DataPrepError:
         raise
     except ImportError as err:
         raise DataPrepError(
-            f"--pretrained_tokenizer {path}: {err} (a sentencepiece .model needs: pip install protobuf)"
+            f"--pretrained-tokenizer {path}: {err} (a sentencepiece .model needs: pip install protobuf)"
         ) from err
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise DataPrepError(f"--pretrained_tokenizer {path}: could not load a tokenizer: {err}") from err
+        raise DataPrepError(f"--pretrained-tokenizer {path}: could not load a tokenizer: {err}") from err
     if getattr(tok, "backend_tokenizer", None) is None:
         raise DataPrepError(
-            f"--pretrained_tokenizer {path}: {type(tok).__name__} has no fast (tokenizers) backend; "
+            f"--pretrained-tokenizer {path}: {type(tok).__name__} has no fast (tokenizers) backend; "
             "save a fast tokenizer (tokenizer.json) with save_pretrained"
         )
     if tok.eos_token_id is None:
         raise DataPrepError(
-            f"--pretrained_tokenizer {path}: the tokenizer has no eos_token, which ends every article; "
+            f"--pretrained-tokenizer {path}: the tokenizer has no eos_token, which ends every article; "
             "set one (tokenizer.eos_token = '</s>'; tokenizer.save_pretrained(dir)) and pass that dir"
         )
     return tok
 
 
-# --max_seq_length with neither a tokenizer model_max_length nor a model config.json to check it
+# --max-seq-length with neither a tokenizer model_max_length nor a model config.json to check it
 # against: 1M tokens, beyond every Llama context (3.1: 128k); a row of 1e9 tokens took minutes and GBs.
 MAX_SEQ_LENGTH_CAP = 1 << 20
 _UNSET_MAX_LENGTH = 10**20  # transformers' "no limit" sentinel is int(1e30): ignore anything that big
 
 
 def sequence_limits(tok, path: str) -> list[tuple[int, str]]:
-    """``[(limit, where it comes from)]`` for ``--max_seq_length``: the tokenizer's ``model_max_length``
+    """``[(limit, where it comes from)]`` for ``--max-seq-length``: the tokenizer's ``model_max_length``
     and the ``max_position_embeddings`` of a model ``config.json`` in the tokenizer dir, when known;
     else the hard cap MAX_SEQ_LENGTH_CAP."""
     limits = []
@@ -109,12 +109,12 @@ def sequence_limits(tok, path: str) -> list[tuple[int, str]]:
 
 
 def check_max_seq_length(tok, path: str, max_seq_length: int) -> None:
-    """Refuse a ``--max_seq_length`` above any of ``sequence_limits`` (before any tokenizing)."""
+    """Refuse a ``--max-seq-length`` above any of ``sequence_limits`` (before any tokenizing)."""
     for limit, source in sorted(sequence_limits(tok, path)):
         if max_seq_length > limit:
             raise DataPrepError(
-                f"--max_seq_length {max_seq_length} is above {limit:,}, the {source}; pass --max_seq_length "
-                f"{limit} or less, or --allow_long_sequences to build longer rows anyway"
+                f"--max-seq-length {max_seq_length} is above {limit:,}, the {source}; pass --max-seq-length "
+                f"{limit} or less, or --allow-long-sequences to build longer rows anyway"
             )
 
 
@@ -130,7 +130,7 @@ def tokenizer_spec(tok, need_chat_template: bool = False) -> TokenizerSpec:
     chat_template = getattr(tok, "chat_template", None)
     if need_chat_template and not chat_template:
         raise DataPrepError(
-            f"--apply_chat_template: the tokenizer {tok.name_or_path} has no chat_template; "
+            f"--apply-chat-template: the tokenizer {tok.name_or_path} has no chat_template; "
             "drop the flag or use a tokenizer that defines one"
         )
     if isinstance(chat_template, dict):  # named templates: use the default one

@@ -98,7 +98,7 @@ class TokenizerPool:
         except BrokenProcessPool as err:
             raise DataPrepError(
                 f"a data-prep worker process died while working on {what} (killed by the system, often for "
-                "lack of memory); rerun with fewer --num_workers, or --num_workers 0 to work in one process"
+                "lack of memory); rerun with fewer --num-workers, or --num-workers 0 to work in one process"
             ) from err
 
     def close(self, cancel: bool = False) -> None:

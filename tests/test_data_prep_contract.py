@@ -97,13 +97,13 @@ def test_rows_equal_the_contract(tmp_path, llama_like_tok, packing, boundaries):
     inp = write_jsonl(tmp_path / "in.jsonl", articles())
     out = tmp_path / "out"
     args = [
-        "--input_packing_config",
+        "--input-packing-config",
         packing,
-        "--packing_boundary",
+        "--packing-boundary",
         pb,
-        "--attention_boundary",
+        "--attention-boundary",
         ab,
-        "--num_training_splits",
+        "--num-training-splits",
         "1",
     ]
     assert main(prep_args(inp, out, llama_like_tok, *args, L=L)) == 0
@@ -118,7 +118,7 @@ def test_rows_equal_the_contract(tmp_path, llama_like_tok, packing, boundaries):
 def test_keep_prompt_only_sequences(tmp_path, llama_like_tok, packing):
     inp = write_jsonl(tmp_path / "in.jsonl", articles())
     out = tmp_path / "out"
-    args = ["--input_packing_config", packing, "--keep_prompt_only_sequences", "--num_training_splits", "1"]
+    args = ["--input-packing-config", packing, "--keep-prompt-only-sequences", "--num-training-splits", "1"]
     assert main(prep_args(inp, out, llama_like_tok, *args, L=L)) == 0
     ids, types = read_split(out)
     want = expected_rows(
@@ -135,7 +135,7 @@ def test_keep_prompt_only_sequences(tmp_path, llama_like_tok, packing):
 def _run_single(tmp_path, tok_path, rows, *extra):
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    args = ["--input_packing_config", "single::drop", "--num_training_splits", "1", *extra]
+    args = ["--input-packing-config", "single::drop", "--num-training-splits", "1", *extra]
     assert main(prep_args(inp, out, tok_path, *args, L=64)) == 0
     return read_split(out)
 
@@ -175,7 +175,7 @@ def test_pair_attention_boundary_makes_every_pair_eos_a_separator(tmp_path, llam
     rows = [
         [{"prompt": "q1 river", "completion": "a1 stone"}, {"prompt": "r1 cloud", "completion": "b1 rain"}]
     ]
-    ids, types = _run_single(tmp_path, llama_like_tok, rows, "--attention_boundary", "prompt_completion_pair")
+    ids, types = _run_single(tmp_path, llama_like_tok, rows, "--attention-boundary", "prompt_completion_pair")
     assert _parts(tok, ids[0], types[0]) == [
         ("<s>q1 river", 0),
         (" a1 stone", 1),
@@ -193,11 +193,11 @@ def test_prefix_postfix_and_no_space_separator(tmp_path, llama_like_tok):
         tmp_path,
         llama_like_tok,
         rows,
-        "--prompt_prefix",
+        "--prompt-prefix",
         "[P] ",
-        "--prompt_postfix",
+        "--prompt-postfix",
         " =>",
-        "--disable_space_separator",
+        "--disable-space-separator",
     )
     assert _parts(tok, ids[0], types[0]) == [("<s>[P] q0 alpha  =>", 0), ("a0 beta", 1), ("</s>", 3)]
 
@@ -222,7 +222,7 @@ def test_tokenizer_without_special_tokens(tmp_path, plain_tok):
 def test_chat_template(tmp_path, llama_like_tok):
     tok = hf_tokenizer(llama_like_tok)
     rows = [{"prompt": "q0 alpha", "completion": "a0 beta"}]
-    ids, types = _run_single(tmp_path, llama_like_tok, rows, "--apply_chat_template")
+    ids, types = _run_single(tmp_path, llama_like_tok, rows, "--apply-chat-template")
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "q0 alpha"}], tokenize=False, add_generation_prompt=True
     )

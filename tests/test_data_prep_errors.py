@@ -45,7 +45,7 @@ def test_malformed_json_names_line_and_snippet(capsys, tmp_path, llama_like_tok)
     good = [json.dumps(r).encode() for r in GOOD]
     inp = lines_file(tmp_path, good[:3] + [b'{"prompt": "q", "completion": oops}'] + good[3:])
     err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok))
-    assert f"{inp}:4: malformed JSON" in err and "oops" in err and "--ignore_input_format_error" in err
+    assert f"{inp}:4: malformed JSON" in err and "oops" in err and "--ignore-input-format-error" in err
 
 
 def test_ignore_input_format_error_skips_and_logs(capsys, tmp_path, llama_like_tok):
@@ -59,8 +59,8 @@ def test_ignore_input_format_error_skips_and_logs(capsys, tmp_path, llama_like_t
                 inp,
                 out,
                 llama_like_tok,
-                "--ignore_input_format_error",
-                "--input_packing_config",
+                "--ignore-input-format-error",
+                "--input-packing-config",
                 "single::drop",
             )
         )
@@ -76,7 +76,7 @@ def test_ignore_input_format_error_skips_and_logs(capsys, tmp_path, llama_like_t
 def test_missing_completion_key(capsys, tmp_path, llama_like_tok):
     inp = write_jsonl(tmp_path / "in.jsonl", GOOD[:2] + [{"prompt": "p", "answer": "x"}])
     err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok))
-    assert f"{inp}:3: missing 'completion' key" in err and "--completion_keyword" in err
+    assert f"{inp}:3: missing 'completion' key" in err and "--completion-keyword" in err
 
 
 def test_completion_must_be_a_string(capsys, tmp_path, llama_like_tok):
@@ -115,18 +115,18 @@ def test_empty_directory_and_wrong_suffix(capsys, tmp_path, llama_like_tok):
 def test_every_article_longer_than_a_sequence(capsys, tmp_path, llama_like_tok):
     long = [{"prompt": "alpha beta " * 30, "completion": "gamma delta " * 30} for _ in range(5)]
     inp = write_jsonl(tmp_path / "in.jsonl", long)
-    args = prep_args(inp, tmp_path / "out", llama_like_tok, "--input_packing_config", "greedy::drop")
+    args = prep_args(inp, tmp_path / "out", llama_like_tok, "--input-packing-config", "greedy::drop")
     err = run_failing(capsys, tmp_path, args)
-    assert "longer than --max_seq_length 32" in err and "greedy::drop" in err and "truncate" in err
+    assert "longer than --max-seq-length 32" in err and "greedy::drop" in err and "truncate" in err
 
 
 def test_some_articles_longer_than_a_sequence_warn_and_count(capsys, tmp_path, llama_like_tok):
     rows = GOOD + [{"prompt": "alpha beta " * 30, "completion": "gamma delta " * 30}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    assert main(prep_args(inp, out, llama_like_tok, "--input_packing_config", "single::drop")) == 0
+    assert main(prep_args(inp, out, llama_like_tok, "--input-packing-config", "single::drop")) == 0
     captured = capsys.readouterr()
-    assert "warning: train:" in captured.err and "longer than --max_seq_length 32" in captured.err
+    assert "warning: train:" in captured.err and "longer than --max-seq-length 32" in captured.err
     assert len(read_split(out)[0]) == len(GOOD)
 
 
@@ -137,13 +137,13 @@ def test_existing_output_is_refused_then_replaced(capsys, tmp_path, llama_like_t
     before = sorted(p.name for p in out.iterdir())
     capsys.readouterr()
     assert main(prep_args(inp, out, llama_like_tok)) == 1
-    assert "already exists; pass --overwrite_output_path" in capsys.readouterr().err
+    assert "already exists; pass --overwrite-output-path" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
     (tmp_path / "neighbour.txt").write_text("keep me")
     assert (
         main(
             prep_args(
-                inp, out, llama_like_tok, "--overwrite_output_path", "--input_packing_config", "single::drop"
+                inp, out, llama_like_tok, "--overwrite-output-path", "--input-packing-config", "single::drop"
             )
         )
         == 0
@@ -157,7 +157,7 @@ def test_overwrite_refuses_to_delete_a_non_dataset_dir(capsys, tmp_path, llama_l
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    assert main(prep_args(inp, precious, llama_like_tok, "--overwrite_output_path")) == 1
+    assert main(prep_args(inp, precious, llama_like_tok, "--overwrite-output-path")) == 1
     assert "has no sha256/files_metadata.json" in capsys.readouterr().err
     assert (precious / "thesis.tex").read_text() == "years of work" and leftovers(tmp_path) == []
 
@@ -167,7 +167,7 @@ def test_output_that_contains_the_input_is_refused(capsys, tmp_path, llama_like_
     data.mkdir()
     inp = write_jsonl(data / "in.jsonl", GOOD)
     (data / "metadata.yaml").write_text("x: 1\n")  # looks like a dataset, but holds the input
-    assert main(prep_args(inp, data, llama_like_tok, "--overwrite_output_path")) == 1
+    assert main(prep_args(inp, data, llama_like_tok, "--overwrite-output-path")) == 1
     assert "overlaps the input" in capsys.readouterr().err and inp.exists()
 
 
@@ -181,7 +181,7 @@ def test_tokenizer_without_eos(capsys, tmp_path, tmp_path_factory):
 def test_missing_tokenizer(capsys, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
     err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", tmp_path / "nope"))
-    assert "--pretrained_tokenizer" in err and "not a tokenizer directory" in err
+    assert "--pretrained-tokenizer" in err and "not a tokenizer directory" in err
 
 
 def test_bad_flag_values(capsys, tmp_path, llama_like_tok):
@@ -189,15 +189,15 @@ def test_bad_flag_values(capsys, tmp_path, llama_like_tok):
     err = run_failing(
         capsys,
         tmp_path,
-        prep_args(inp, tmp_path / "out", llama_like_tok, "--dev_ratio", "0.7", "--test_ratio", "0.5"),
+        prep_args(inp, tmp_path / "out", llama_like_tok, "--dev-ratio", "0.7", "--test-ratio", "0.5"),
     )
-    assert "--dev_ratio + --test_ratio must be below 1" in err
+    assert "--dev-ratio + --test-ratio must be below 1" in err
     err = run_failing(
-        capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, "--num_dev_splits", "2")
+        capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, "--num-dev-splits", "2")
     )
     assert "give all three" in err
     with pytest.raises(SystemExit) as exit_info:
-        main(prep_args(inp, tmp_path / "out", llama_like_tok, "--input_packing_config", "greedy::squash"))
+        main(prep_args(inp, tmp_path / "out", llama_like_tok, "--input-packing-config", "greedy::squash"))
     assert exit_info.value.code == 2 and "greedy::squash" in capsys.readouterr().err
 
 
@@ -221,7 +221,7 @@ def test_worker_crash_fails_cleanly_without_hanging(tmp_path, llama_like_tok):
     cmd = [sys.executable, "-m", "modelzoo.data_prep", *prep_args(inp, out, llama_like_tok, workers=2)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 1, done.stderr
-    assert "error: a data-prep worker process died" in done.stderr and "--num_workers" in done.stderr
+    assert "error: a data-prep worker process died" in done.stderr and "--num-workers" in done.stderr
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -230,15 +230,15 @@ def test_data_prep_never_overwrites_its_input(capsys, tmp_path, llama_like_tok):
     before = inp.read_bytes()
     args = [
         "data_prep",
-        "--input_path",
+        "--input-path",
         str(inp),
-        "--output_path",
+        "--output-path",
         str(inp),
-        "--pretrained_tokenizer",
+        "--pretrained-tokenizer",
         str(llama_like_tok),
-        "--num_workers",
+        "--num-workers",
         "0",
-        "--overwrite_output_path",
+        "--overwrite-output-path",
     ]
     assert main(args) == 1
     assert "overlaps the input" in capsys.readouterr().err
@@ -248,13 +248,13 @@ def test_data_prep_never_overwrites_its_input(capsys, tmp_path, llama_like_tok):
 def test_data_prep_bad_lines_log_beside_the_file(capsys, tmp_path, llama_like_tok):
     inp = lines_file(tmp_path, [json.dumps(r).encode() for r in GOOD] + [b"{broken"])
     out = tmp_path / "one.hdf5"
-    args = prep_args(inp, out, llama_like_tok, "--ignore_input_format_error", L=32, command="data_prep")
+    args = prep_args(inp, out, llama_like_tok, "--ignore-input-format-error", L=32, command="data_prep")
     assert main(args) == 0
     log = (tmp_path / "one.hdf5.json_load_failed_lines.log").read_text()
     assert log.startswith(f"{inp}:21: malformed JSON") and out.is_file() and leftovers(tmp_path) == []
 
 
-# -- bounds: --max_seq_length against the tokenizer/model, --max_line_bytes ------------------------
+# -- bounds: --max-seq-length against the tokenizer/model, --max-line-bytes ------------------------
 def _tokenizer_with_limits(src, dst, model_max_length=None, max_position_embeddings=None):
     """A copy of the tokenizer dir ``src`` stating a model_max_length and/or beside a model config.json."""
     shutil.copytree(src, dst)
@@ -272,9 +272,9 @@ def test_max_seq_length_above_model_max_length(capsys, tmp_path, llama_like_tok)
     tok = _tokenizer_with_limits(llama_like_tok, tmp_path / "tok", model_max_length=64)
     inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
     err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", tok, L=128))
-    assert f"--max_seq_length 128 is above 64, the model_max_length of the tokenizer {tok}" in err
-    assert "--allow_long_sequences" in err
-    assert main(prep_args(inp, tmp_path / "out", tok, "--allow_long_sequences", L=128)) == 0
+    assert f"--max-seq-length 128 is above 64, the model_max_length of the tokenizer {tok}" in err
+    assert "--allow-long-sequences" in err
+    assert main(prep_args(inp, tmp_path / "out", tok, "--allow-long-sequences", L=128)) == 0
 
 
 def test_max_seq_length_above_max_position_embeddings(capsys, tmp_path, llama_like_tok):
@@ -294,19 +294,19 @@ def test_huge_max_seq_length_is_refused_before_any_tokenizing(capsys, tmp_path, 
     monkeypatch.setattr(pipeline, "TokenizePack", never)
     inp = write_jsonl(tmp_path / "in.jsonl", GOOD)  # the tokenizer states no model_max_length
     err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, L=1_000_000_000))
-    assert "--max_seq_length 1000000000 is above 1,048,576, the hard cap" in err and "--allow_long_sequences" in err
+    assert "--max-seq-length 1000000000 is above 1,048,576, the hard cap" in err and "--allow-long-sequences" in err
 
 
 def test_line_over_max_line_bytes(capsys, tmp_path, llama_like_tok):
     good = [json.dumps(r).encode() for r in GOOD]
     long = json.dumps({"prompt": "p", "completion": "alpha " * 1000}).encode()
     inp = lines_file(tmp_path, good[:2] + [long] + good[2:])
-    err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, "--max_line_bytes", "1000"))
-    assert f"{inp}:3: line longer than --max_line_bytes 1000" in err and "--ignore_input_format_error" in err
+    err = run_failing(capsys, tmp_path, prep_args(inp, tmp_path / "out", llama_like_tok, "--max-line-bytes", "1000"))
+    assert f"{inp}:3: line longer than --max-line-bytes 1000" in err and "--ignore-input-format-error" in err
     out = tmp_path / "out"
-    args = prep_args(inp, out, llama_like_tok, "--max_line_bytes", "1000", "--ignore_input_format_error",
-                     "--input_packing_config", "single::drop")
+    args = prep_args(inp, out, llama_like_tok, "--max-line-bytes", "1000", "--ignore-input-format-error",
+                     "--input-packing-config", "single::drop")
     assert main(args) == 0
     log = (out / "json_load_failed_lines.log").read_text().splitlines()
-    assert len(log) == 1 and log[0].startswith(f"{inp}:3: line longer than --max_line_bytes 1000")
+    assert len(log) == 1 and log[0].startswith(f"{inp}:3: line longer than --max-line-bytes 1000")
     assert len(read_split(out)[0]) == len(GOOD)

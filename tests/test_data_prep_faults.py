@@ -1,4 +1,4 @@
-"""Data prep off the happy path: what --overwrite_output_path may delete, debris of killed runs,
+"""Data prep off the happy path: what --overwrite-output-path may delete, debris of killed runs,
 kill -9 at seeded points (the output is nothing or the previous whole dataset, and the next run
 cleans up and gives the same bytes), and damaged HDF5 files in verify."""
 
@@ -29,12 +29,12 @@ OLD_SEED, NEW_SEED = 1, 2
 
 def args(inp, out, tok, seed: int = NEW_SEED, *extra: str) -> list[str]:
     """A small pipeline run: 3 train files + 1 dev file, shuffled with ``seed``, in one process."""
-    return prep_args(inp, out, tok, "--shuffle", "on_RAM", "--seed", str(seed), "--dev_ratio", "0.2",
-                     "--num_training_splits", "3", *extra)
+    return prep_args(inp, out, tok, "--shuffle", "on_RAM", "--seed", str(seed), "--dev-ratio", "0.2",
+                     "--num-training-splits", "3", *extra)
 
 
 def replace_flag(replacing: bool) -> list[str]:
-    return ["--overwrite_output_path"] if replacing else []
+    return ["--overwrite-output-path"] if replacing else []
 
 
 def hdf5_digests(out) -> dict[str, str]:
@@ -61,7 +61,7 @@ def built(tmp_path_factory, llama_like_tok):
     return {"inp": inp, "tok": llama_like_tok, "old": root / "old", "ref": root / "ref"}
 
 
-# -- what --overwrite_output_path may delete ------------------------------------------------------
+# -- what --overwrite-output-path may delete ------------------------------------------------------
 def _dirs_and_hdf5(d, ds):
     for name in "abc":
         (d / name).mkdir(parents=True)
@@ -117,9 +117,9 @@ def test_overwrite_refuses_what_is_not_exactly_a_dataset(capsys, tmp_path, built
     out = tmp_path / "out"
     decoy(out, built["old"])
     before = snapshot(out)
-    assert main(args(built["inp"], out, built["tok"], NEW_SEED, "--overwrite_output_path")) == 1
+    assert main(args(built["inp"], out, built["tok"], NEW_SEED, "--overwrite-output-path")) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --output_path {out} exists and ") and "refusing to delete it" in err, err
+    assert err.startswith(f"error: --output-path {out} exists and ") and "refusing to delete it" in err, err
     assert len(err.strip().splitlines()) == 1
     assert snapshot(out) == before and hidden(tmp_path) == []
 
@@ -142,7 +142,7 @@ REPLACEABLE = {
 def test_overwrite_replaces_an_empty_dir_or_a_dataset(capsys, tmp_path, built, make):
     out = tmp_path / "out"
     make(out, built["old"])
-    assert main(args(built["inp"], out, built["tok"], NEW_SEED, "--overwrite_output_path")) == 0
+    assert main(args(built["inp"], out, built["tok"], NEW_SEED, "--overwrite-output-path")) == 0
     assert hdf5_digests(out) == hdf5_digests(built["ref"]) and verify_dataset(out).ok
     assert not (out / SCRATCH_OWNER).exists() and hidden(tmp_path) == []
 
@@ -150,7 +150,7 @@ def test_overwrite_replaces_an_empty_dir_or_a_dataset(capsys, tmp_path, built, m
 def test_data_prep_replaces_only_an_hdf5_file(capsys, tmp_path, built):
     out = tmp_path / "one.hdf5"
     out.write_text("my notes, named .hdf5 by mistake")
-    one = prep_args(built["inp"], out, built["tok"], "--overwrite_output_path", command="data_prep")
+    one = prep_args(built["inp"], out, built["tok"], "--overwrite-output-path", command="data_prep")
     assert main(one) == 1
     assert "is not an HDF5 file; refusing to replace it" in capsys.readouterr().err
     assert out.read_text() == "my notes, named .hdf5 by mistake"
@@ -266,5 +266,5 @@ def test_verify_reports_a_damaged_file_in_one_line(capsys, tmp_path, built, dama
     damaged = [p for p in problems if "not a readable dataset file" in p]
     assert len(damaged) == 1 and damaged[0].strip().startswith(f"{bad}: not a readable dataset file (cannot "), text
     assert "restore it or re-run data prep" in damaged[0] and "Traceback" not in text
-    assert main(["verify", str(ds), "--skip_checksums"]) == 1  # h5py's own check, without the manifest
+    assert main(["verify", str(ds), "--skip-checksums"]) == 1  # h5py's own check, without the manifest
     assert f"{bad}: not a readable dataset file" in capsys.readouterr().out

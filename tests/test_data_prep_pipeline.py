@@ -51,11 +51,11 @@ def test_layout_metadata_manifest_and_verify(tmp_path, llama_like_tok):
     inp = write_jsonl(tmp_path / "in.jsonl", numbered_articles(1000))
     out = tmp_path / "ds"
     args = [
-        "--input_packing_config",
+        "--input-packing-config",
         "single::drop",
-        "--dev_ratio",
+        "--dev-ratio",
         "0.1",
-        "--test_ratio",
+        "--test-ratio",
         "0.05",
         "--shuffle",
         "on_RAM",
@@ -107,9 +107,9 @@ def test_files_balanced_within_one(tmp_path, llama_like_tok):
                 inp,
                 out,
                 llama_like_tok,
-                "--input_packing_config",
+                "--input-packing-config",
                 "single::drop",
-                "--num_training_splits",
+                "--num-training-splits",
                 "8",
                 L=16,
             )
@@ -129,13 +129,13 @@ def test_split_by_counts(tmp_path, llama_like_tok):
     inp = write_jsonl(tmp_path / "in.jsonl", numbered_articles(140))
     out = tmp_path / "ds"
     args = [
-        "--input_packing_config",
+        "--input-packing-config",
         "single::drop",
-        "--num_training_splits",
+        "--num-training-splits",
         "4",
-        "--num_dev_splits",
+        "--num-dev-splits",
         "2",
-        "--num_test_splits",
+        "--num-test-splits",
         "1",
     ]
     assert main(prep_args(inp, out, llama_like_tok, *args, L=16)) == 0
@@ -151,13 +151,13 @@ def test_split_by_counts(tmp_path, llama_like_tok):
 def _run(tmp_path, tok, name, *extra, inp=None, L=16):
     inp = inp or write_jsonl(tmp_path / "in.jsonl", numbered_articles(300))
     out = tmp_path / name
-    assert main(prep_args(inp, out, tok, "--input_packing_config", "single::drop", *extra, L=L)) == 0
+    assert main(prep_args(inp, out, tok, "--input-packing-config", "single::drop", *extra, L=L)) == 0
     return out
 
 
 @pytest.mark.parametrize("shuffle", ["on_RAM", "large_file"])
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, llama_like_tok, shuffle):
-    extra = ["--shuffle", shuffle, "--dev_ratio", "0.1", "--shuffle_ram_mb", "0.004"]
+    extra = ["--shuffle", shuffle, "--dev-ratio", "0.1", "--shuffle-ram-mb", "0.004"]
     a = _run(tmp_path, llama_like_tok, "a", *extra, "--seed", "7")
     b = _run(tmp_path, llama_like_tok, "b", *extra, "--seed", "7")
     c = _run(tmp_path, llama_like_tok, "c", *extra, "--seed", "8")
@@ -200,13 +200,13 @@ def test_worker_processes_give_the_same_bytes(tmp_path, llama_like_tok):
     """2 spawned workers and in-process tokenizing write byte-identical files (chunk boundaries and
     result order do not depend on the workers)."""
     inp = write_jsonl(tmp_path / "in.jsonl", numbered_articles(3000))
-    extra = ["--shuffle", "on_RAM", "--dev_ratio", "0.1"]
+    extra = ["--shuffle", "on_RAM", "--dev-ratio", "0.1"]
     one = tmp_path / "one"
     two = tmp_path / "two"
     assert (
         main(
             prep_args(
-                inp, one, llama_like_tok, "--input_packing_config", "greedy::drop", *extra, L=64, workers=0
+                inp, one, llama_like_tok, "--input-packing-config", "greedy::drop", *extra, L=64, workers=0
             )
         )
         == 0
@@ -214,7 +214,7 @@ def test_worker_processes_give_the_same_bytes(tmp_path, llama_like_tok):
     assert (
         main(
             prep_args(
-                inp, two, llama_like_tok, "--input_packing_config", "greedy::drop", *extra, L=64, workers=2
+                inp, two, llama_like_tok, "--input-packing-config", "greedy::drop", *extra, L=64, workers=2
             )
         )
         == 0
@@ -224,9 +224,9 @@ def test_worker_processes_give_the_same_bytes(tmp_path, llama_like_tok):
 
 def test_data_prep_subcommand_writes_one_file(tmp_path, llama_like_tok):
     inp = write_jsonl(tmp_path / "in.jsonl", numbered_articles(50))
-    ds = _run(tmp_path, llama_like_tok, "ds", "--num_training_splits", "1", inp=inp)
+    ds = _run(tmp_path, llama_like_tok, "ds", "--num-training-splits", "1", inp=inp)
     out = tmp_path / "one.hdf5"
-    args = prep_args(inp, out, llama_like_tok, "--input_packing_config", "single::drop", L=16, command="data_prep")
+    args = prep_args(inp, out, llama_like_tok, "--input-packing-config", "single::drop", L=16, command="data_prep")
     assert main(args) == 0
     with h5py.File(out) as f:
         ids, types = f["input_ids"][...], f["token_type_ids"][...]
@@ -236,7 +236,7 @@ def test_data_prep_subcommand_writes_one_file(tmp_path, llama_like_tok):
 
 
 def test_verify_finds_tampering(tmp_path, llama_like_tok):
-    out = _run(tmp_path, llama_like_tok, "ds", "--num_training_splits", "2")
+    out = _run(tmp_path, llama_like_tok, "ds", "--num-training-splits", "2")
     with h5py.File(out / "train_1_of_2.hdf5", "r+") as f:
         t = f["token_type_ids"][...]
         t[0, -1] = 1  # a completion token after padding
@@ -260,32 +260,33 @@ def test_help_explains_every_flag(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     flags = [
-        "--input_path",
-        "--output_path",
-        "--pretrained_tokenizer",
-        "--max_seq_length",
-        "--input_packing_config",
-        "--packing_boundary",
-        "--attention_boundary",
-        "--prompt_keyword",
-        "--completion_keyword",
-        "--prompt_prefix",
-        "--prompt_postfix",
-        "--apply_chat_template",
-        "--keep_prompt_only_sequences",
+        "--input-path",
+        "--output-path",
+        "--pretrained-tokenizer",
+        "--max-seq-length",
+        "--input-packing-config",
+        "--packing-boundary",
+        "--attention-boundary",
+        "--prompt-keyword",
+        "--completion-keyword",
+        "--prompt-prefix",
+        "--prompt-postfix",
+        "--apply-chat-template",
+        "--keep-prompt-only-sequences",
         "--shuffle",
         "--seed",
-        "--num_training_splits",
-        "--dev_ratio",
-        "--test_ratio",
-        "--num_dev_splits",
-        "--num_test_splits",
-        "--num_workers",
-        "--overwrite_output_path",
-        "--ignore_input_format_error",
-        "--shuffle_ram_mb",
-        "--allow_long_sequences",
-        "--max_line_bytes",
+        "--num-training-splits",
+        "--dev-ratio",
+        "--test-ratio",
+        "--num-dev-splits",
+        "--num-test-splits",
+        "--num-workers",
+        "--overwrite-output-path",
+        "--ignore-input-format-error",
+        "--shuffle-ram-mb",
+        "--allow-long-sequences",
+        "--max-line-bytes",
+        "--no-progress",
     ]
     for flag in flags:
         assert flag in text, flag
@@ -316,23 +317,23 @@ def test_bundled_sample_builds_for_llama_tiny(tmp_path):
     out = tmp_path / "sample_hdf5"
     args = [
         "pipeline",
-        "--input_path",
+        "--input-path",
         str(sample / "sample.jsonl"),
-        "--pretrained_tokenizer",
+        "--pretrained-tokenizer",
         str(sample / "tokenizer"),
-        "--output_path",
+        "--output-path",
         str(out),
-        "--max_seq_length",
+        "--max-seq-length",
         "256",
-        "--input_packing_config",
+        "--input-packing-config",
         "greedy::drop",
         "--shuffle",
         "on_RAM",
         "--seed",
         "0",
-        "--dev_ratio",
+        "--dev-ratio",
         "0.1",
-        "--num_workers",
+        "--num-workers",
         "0",
     ]
     assert main(args) == 0

@@ -93,9 +93,9 @@ def test_file_count_rule_and_balance():
     assert choose_num_files(5, None, 32, "--x") == 1
     assert choose_num_files(7, 3, 32, "--x") == 3
     with pytest.raises(
-        DataPrepError, match="--num_training_splits 9 asks for more files than there are sequences"
+        DataPrepError, match="--num-training-splits 9 asks for more files than there are sequences"
     ):
-        choose_num_files(8, 9, 32, "--num_training_splits")
+        choose_num_files(8, 9, 32, "--num-training-splits")
     ranges = balanced_ranges(103, 8)
     sizes = [b - a for a, b in ranges]
     assert sum(sizes) == 103 and max(sizes) - min(sizes) <= 1 and ranges[0][0] == 0 and ranges[-1][1] == 103

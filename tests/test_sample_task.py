@@ -45,10 +45,10 @@ def _accuracy(model_dir: Path, tokenizer, questions, adapter: Path | None = None
 @pytest.fixture(scope="module")
 def sample_hdf5(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "sample_hdf5"
-    code = data_prep_main(["pipeline", "--input_path", str(SAMPLE / "sample.jsonl"), "--pretrained_tokenizer",
-                           str(SAMPLE / "tokenizer"), "--output_path", str(out), "--max_seq_length", "256",
-                           "--input_packing_config", "greedy::drop", "--shuffle", "on_RAM", "--seed", "0",
-                           "--dev_ratio", "0.1", "--num_workers", "0"])
+    code = data_prep_main(["pipeline", "--input-path", str(SAMPLE / "sample.jsonl"), "--pretrained-tokenizer",
+                           str(SAMPLE / "tokenizer"), "--output-path", str(out), "--max-seq-length", "256",
+                           "--input-packing-config", "greedy::drop", "--shuffle", "on_RAM", "--seed", "0",
+                           "--dev-ratio", "0.1", "--num-workers", "0"])
     assert code == 0
     return out
 

@@ -87,7 +87,7 @@ class HDF5DatasetDir:
         if max_seq_length is not None and max_seq_length != self.max_seq_length:
             raise DatasetError(
                 f"{self.path / METADATA_FILE}: max_seq_length is {self.max_seq_length} but {max_seq_length} was asked "
-                f"for; set training.max_seq_length={self.max_seq_length} or rebuild with --max_seq_length {max_seq_length}"
+                f"for; set training.max_seq_length={self.max_seq_length} or rebuild with --max-seq-length {max_seq_length}"
             )
         self._files = {split: self._check_files(split, key) for split, key in _SPLITS.items()}
         if check_manifest_sizes or checksums:

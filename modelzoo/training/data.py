@@ -73,7 +73,7 @@ def check_sequence_length(max_seq_length: int, config, allow_long: bool, source:
     if limit and max_seq_length > limit and not allow_long:
         raise DatasetError(f"training.max_seq_length={max_seq_length} exceeds max_position_embeddings={limit} of "
                            f"the model '{source}'; use training.max_seq_length<={limit} (and data prep with "
-                           "--max_seq_length to match), or set training.allow_long_sequences=true to train on "
+                           "--max-seq-length to match), or set training.allow_long_sequences=true to train on "
                            "positions the model never saw")
 
 
@@ -97,7 +97,7 @@ def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size:
         raise DatasetError(f"{root}: no training files (number_of_training_files is 0); re-run data prep")
     if dp_world > len(train_files):
         raise DatasetError(f"data_parallel.world_size={dp_world} exceeds the {len(train_files)} training files "
-                           f"of {root}; re-run data prep with --num_training_splits >= {dp_world} "
+                           f"of {root}; re-run data prep with --num-training-splits >= {dp_world} "
                            "or lower data_parallel.world_size")
     train = dataset.reader("train")  # files narrower or wider than max_seq_length are refused here
     return train, (dataset.reader("dev") if dataset.files("dev") else None), meta

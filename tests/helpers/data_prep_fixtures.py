@@ -130,15 +130,15 @@ def prep_args(inp: Path, out: Path, tok: Path, *extra: str, L: int = 32, workers
               command: str = "pipeline") -> list[str]:
     return [
         command,
-        "--input_path",
+        "--input-path",
         str(inp),
-        "--output_path",
+        "--output-path",
         str(out),
-        "--pretrained_tokenizer",
+        "--pretrained-tokenizer",
         str(tok),
-        "--max_seq_length",
+        "--max-seq-length",
         str(L),
-        "--num_workers",
+        "--num-workers",
         str(workers),
         *extra,
     ]

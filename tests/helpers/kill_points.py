@@ -4,7 +4,7 @@ One case, one process (``site_env``: every process, worker processes too, armed 
 ``kill_site/sitecustomize.py``)::
 
     python -m helpers.kill_points --at modelzoo.data_prep.pipeline:write_manifest --nth 1 [--after] \\
-        [--main modelzoo.data_prep.cli:main] -- pipeline --input_path ...
+        [--main modelzoo.data_prep.cli:main] -- pipeline --input-path ...
 
 Many cases, one interpreter start-up (``run_cases``): a driver imports the entry point and ``preload``
 once, then forks one child per case; each child arms its kill point and runs ``main(argv)``. The
