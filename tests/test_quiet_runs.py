@@ -24,10 +24,10 @@ def _run(*args: str, cwd: Path) -> str:
 
 def test_readme_a_runs_without_deprecation_warnings(tmp_path):
     data = tmp_path / "hdf5"
-    _run("modelzoo.data_prep", "pipeline", "--input_path", str(REPO / "data/sample/sample.jsonl"),
-         "--pretrained_tokenizer", str(REPO / "data/sample/tokenizer"), "--output_path", str(data),
-         "--max_seq_length", "256", "--input_packing_config", "greedy::drop", "--shuffle", "on_RAM",
-         "--seed", "0", "--dev_ratio", "0.1", cwd=tmp_path)
+    _run("modelzoo.data_prep", "pipeline", "--input-path", str(REPO / "data/sample/sample.jsonl"),
+         "--pretrained-tokenizer", str(REPO / "data/sample/tokenizer"), "--output-path", str(data),
+         "--max-seq-length", "256", "--input-packing-config", "greedy::drop", "--shuffle", "on_RAM",
+         "--seed", "0", "--dev-ratio", "0.1", cwd=tmp_path)
     run = tmp_path / "run"
     log = _run("modelzoo.cli.train", "--config", "llama_tiny", f"training.dataset_dir={data}",
                "training.max_steps=2", "training.eval_every=2", f"training.output_dir={run}",
