@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="training config: a YAML path or a bare name from configs/training/ (default: llama_tiny)")
     parser.add_argument("--batch-size", type=int, default=2, help="rows of random tokens (default: 2)")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights (presets) and inputs")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights (presets) and inputs (default: 0)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. model.name_or_path=llama3_2_tiny backend=inductor")
     return parser
