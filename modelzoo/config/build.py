@@ -84,6 +84,12 @@ def _convert_field(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> An
     except _Mismatch:
         choices = _literal_strings(tp)
         hint = _closest(value, choices)
+        if typing.get_origin(tp) is list:
+            items = _literal_strings(typing.get_args(tp)[0])
+            if isinstance(value, list):  # the nearest name to the item at fault
+                hint = next((h for h in (_closest(v, items) for v in value) if h), "")
+            elif isinstance(value, str):
+                hint = f"; give a list, e.g. [{value}]"
         if tp in (str, str | None) and isinstance(value, (int, float)):
             hint = f"; quote it to pass a string, e.g. \"{value}\""
         raise ConfigError(f"'{key}' expects {_describe(tp)}, got {_show(value)}{hint}", key=key) from None

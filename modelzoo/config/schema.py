@@ -3,6 +3,11 @@
 Each component receives only its own section (``cfg.training``, ``cfg.samba_compile``, ...).
 Field metadata carries value bounds (``ge``/``gt``/``le``) and closed string sets (``choices``);
 :mod:`modelzoo.config.build` enforces both, so a bound lives next to the field it constrains.
+
+A relative path in a config (``training.dataset_dir``, ``training.output_dir``,
+``checkpoint.save_dir`` / ``load_path``, ``samba_compile.output_folder``) is relative to the
+current working directory of the command, not to the config file nor to ``training.output_dir``;
+``modelzoo-train`` prints the absolute output paths at start.
 """
 
 from __future__ import annotations
@@ -132,7 +137,22 @@ class TrainingConfig:
     """Activation recompute per decoder block in backward: ``full`` every block (keeps only each
     block's input; ~1/3 more compute), ``selective`` every second block (half of both)."""
     output_dir: str = "runs"
-    """Directory for logs, metrics and the config snapshot."""
+    """Directory of the run's logs: ``metrics.jsonl``, ``loss_curve.png``, the TensorBoard event files
+    (``tensorboard/``) and the Weights & Biases run dir (``wandb/``). Relative to the working
+    directory, like every path in a config; checkpoints go to ``checkpoint.save_dir`` and the
+    compile plan to ``samba_compile.output_folder``, each set on its own."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    """Where rank 0 logs the scalars of every log and eval step (loss, lr, grad_norm, tokens_per_s,
+    mfu, peak_memory_gib, epoch, eval_loss, eval_ppl; the step is the global step): ``jsonl``
+    ``output_dir/metrics.jsonl``; ``tensorboard`` event files in ``output_dir/tensorboard`` (tag =
+    the metrics.jsonl key; needs ``pip install tensorboard``); ``wandb`` a Weights & Biases run in
+    ``output_dir/wandb`` (needs ``pip install wandb``; mode from ``wandb_mode``). A requested logger
+    whose package is missing is refused before training starts."""
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None
+    """Mode of the ``wandb`` logger; None takes ``WANDB_MODE`` from the environment, else ``offline``
+    (nothing leaves the machine: ``wandb sync output_dir/wandb/offline-run-*`` uploads it later)."""
+    wandb_project: str = "modelzoo"
+    """Weights & Biases project of the ``wandb`` logger (the run is named after ``output_dir``)."""
 
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

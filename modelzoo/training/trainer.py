@@ -29,7 +29,8 @@ from modelzoo.data.token_types import loss_weights_from_token_types
 from modelzoo.parallel.mesh import build_mesh, init_distributed
 
 from .data import ShardedLoader, check_sequence_length, open_training_data
-from .metrics import MetricsLog, flops_per_token, measure_matmul_peak, peak_memory_bytes, plot_loss_curve
+from .loggers import RunLoggers, check_loggers
+from .metrics import flops_per_token, measure_matmul_peak, peak_memory_bytes, plot_loss_curve
 from .optim import build_optimizer, lr_at, set_lr
 
 
@@ -104,6 +105,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, stop_after: int | None = None, quiet: bool = False) -> None:
         self.cfg, self.t = cfg, cfg.training
         self.stop_after, self.quiet = stop_after, quiet  # stop_after: simulate a crash (tests)
+        check_loggers(self.t.loggers)  # a missing package fails now, not after the model is built
         self.adapter_run = cfg.peft.method != "none"
         self.backend = _backend(cfg)
         self.device = self.backend.device()
@@ -113,8 +115,7 @@ class Trainer:
         for note in self._on_main(lambda: ckpt.prepare_save_dir(
                 cfg.checkpoint.save_dir, resume=cfg.checkpoint.resume, overwrite=cfg.checkpoint.overwrite,
                 keep_last=cfg.checkpoint.keep_last)):
-            if not quiet:
-                print(note, file=sys.stderr)
+            self._say(note)
         torch.manual_seed(self.t.seed)
         random.seed(self.t.seed)  # saved with each checkpoint: the same run saves the same state
         self._build_model()
@@ -126,8 +127,8 @@ class Trainer:
         self.step = 0
         if cfg.checkpoint.resume:
             self._resume()
-        self.log = MetricsLog(Path(self.t.output_dir) / "metrics.jsonl" if self.dist.is_main else None,
-                              resumed_at=self.step if cfg.checkpoint.resume else None)
+        self.log = RunLoggers(cfg, main=self.dist.is_main, resumed_at=self.step if cfg.checkpoint.resume else None,
+                              quiet=quiet)
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> None:
@@ -146,6 +147,12 @@ class Trainer:
             if not self.adapter_run:  # an adapter run's checkpoints hold the adapter; the base stays
                 source = str(latest)
         overrides = mcfg.overrides if source == mcfg.name_or_path else None
+        if latest is not None and source == str(latest):
+            self._say(f"loading checkpoint {latest.absolute()} to resume ...")
+        elif Path(source).is_dir():
+            self._say(f"loading checkpoint {Path(source).absolute()} ({mcfg.dtype}) ...")
+        else:
+            self._say(f"building model {source} (preset, random weights, {mcfg.dtype}) ...")
         self.model = from_pretrained(source, dtype=mcfg.dtype, overrides=overrides, seed=self.t.seed,
                                      settings=mcfg, prompt_loss_weight=self.t.prompt_loss_weight, device=self.device)
         if "weighted_loss" not in self.model._modelzoo_patches:  # load_config refuses such a model.patches first
@@ -164,6 +171,7 @@ class Trainer:
                                        recompute=self.t.recompute, fsdp=self.t.fsdp,
                                        mixed_precision=self.t.mixed_precision)
         self.parallelism = parallelize_for_training(self.model, self.dist.mesh, settings, backend=self.backend)
+        self.compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in self.model.modules())
         # FSDP and replicate average gradients over DP; the loss is normalised by the global weight
         # sum, so each rank's loss is scaled by the DP size to make that average a sum (gloo has no
         # reduce-scatter with a divide factor of 1).
@@ -190,6 +198,7 @@ class Trainer:
                                            f"trains on preset '{source}', written there at its start; restore it or "
                                            "start a fresh run (checkpoint.overwrite=true)")
         self.lora_config = lora_config(self.cfg.peft, base)
+        self._say(f"adding the {self.cfg.peft.method} adapter (r={self.cfg.peft.r}) to the frozen base {base} ...")
         adapted = add_adapter(self.model, self.lora_config, seed=self.t.seed)
         if latest is not None:
             _, tensors = read_adapter(latest)
@@ -360,10 +369,16 @@ class Trainer:
         ckpt.set_python_rng_state(trainer_state["python_rng"])
         self.step = int(trainer_state["step"])
         saved = trainer_state["layout"]
+        self._say(f"resumed from {latest} at step {self.step} (saved at n_chips={saved['n_chips']} x "
+                  f"world_size={saved['world_size']}, now {self.dist.tp_world} x {self.dist.dp_world})")
+
+    def _say(self, line: str) -> None:
+        """A progress line on stderr (rank 0, unless quiet); above the progress bar while it runs."""
         if self.dist.is_main and not self.quiet:
-            print(f"resumed from {latest} at step {self.step} (saved at n_chips={saved['n_chips']} x "
-                  f"world_size={saved['world_size']}, now {self.dist.tp_world} x {self.dist.dp_world})",
-                  file=sys.stderr)
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+            sys.stderr.flush()
 
     def _barrier(self) -> None:
         if self.dist.world > 1:
@@ -396,11 +411,24 @@ class Trainer:
                                    str(self.device), seconds=0.3)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=self.quiet or not self.dist.is_main, file=sys.stderr, dynamic_ncols=True)
-        window_tokens, window_start = 0, time.perf_counter()
         last: dict[str, Any] = {}
         if self.step >= self.total_steps:  # resumed a finished run: nothing to train, save or log
             bar.close()
+            self.log.close()
             return {"step": self.step, "history": self.log.history}
+        if self.compiled:
+            self._say(f"compiling the decoder blocks (backend {self.cfg.backend}) in the first step ...")
+        try:
+            self._loop(bar, flops_tok, peak, last)
+        finally:
+            bar.close()
+            self.log.close()
+        return {"step": self.step, "history": self.log.history, **last}
+
+    def _loop(self, bar, flops_tok: float, peak: float, last: dict[str, Any]) -> None:
+        """The steps of :meth:`fit` from the current one, then the final save, eval and plot."""
+        cfg = self.t
+        window_tokens, window_start = 0, time.perf_counter()
         while self.step < self.total_steps:
             if self.stop_after is not None and self.step >= self.stop_after:
                 break
@@ -419,21 +447,26 @@ class Trainer:
                 window_tokens, window_start = 0, time.perf_counter()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                record.update({"step": self.step, **(self.evaluate() or {})})
+                record.update({"step": self.step, **self._evaluate_and_say()})
             if record:
                 self.log.write(record)
                 last.update(record)
             if self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0:
                 self.save()
-        bar.close()
         if self.step >= self.total_steps:
             if not (self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0):
                 self.save()
             evaluated = cfg.eval_every and self.step % cfg.eval_every == 0
-            final_eval = None if evaluated else self.evaluate()
+            final_eval = None if evaluated else self._evaluate_and_say()
             if final_eval:
                 self.log.write({"step": self.step, **final_eval})
                 last.update(final_eval)
             if self.dist.is_main:
                 plot_loss_curve(self.log.records(), Path(cfg.output_dir) / "loss_curve.png")
-        return {"step": self.step, "history": self.log.history, **last}
+
+    def _evaluate_and_say(self) -> dict[str, float]:
+        """:meth:`evaluate` (empty without a dev split), its result as a line on screen."""
+        result = self.evaluate() or {}
+        if result:
+            self._say(f"step {self.step}: dev loss {result['eval_loss']:.4f}, ppl {result['eval_ppl']:.2f}")
+        return result
