@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, postprocess_generated_text
@@ -226,6 +225,5 @@ class ModelzooLM(TemplateLM):
             out.append(postprocess_generated_text(self.tok_decode(result.token_ids), until, None))
         return out
 
-    @torch.no_grad()
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return super().loglikelihood(requests, disable_tqdm=True)
+        return super().loglikelihood(requests, disable_tqdm=True)  # our bar counts the scoring, not tokenizing
