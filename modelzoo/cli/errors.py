@@ -42,3 +42,22 @@ def run_reporting_errors(fn: Callable[..., int], *args) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+EXIT_WORKER_FAILED = 1
+
+
+def spawn_reporting_errors(worker: Callable[..., None], nprocs: int, *args) -> int:
+    """``worker(rank, nprocs, *args)`` in ``nprocs`` local gloo processes (tensor parallel); a failed
+    rank becomes one ``error:`` line with its last message and exit status 1."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from modelzoo.parallel.mesh import spawn_cpu
+
+    try:
+        spawn_cpu(worker, nprocs, *args)
+    except ProcessRaisedException as error:
+        last = str(error).strip().splitlines()[-1]
+        print(f"error: a tensor-parallel worker failed: {last}", file=sys.stderr)
+        return EXIT_WORKER_FAILED
+    return 0

@@ -52,7 +52,7 @@ BACKENDS = ("cpu", "inductor", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8")
 SPLITS = ("dev", "train")
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK = 0
 
 
 class UsageError(ValueError):
@@ -437,35 +437,22 @@ def _tp_worker(rank: int, world_size: int, job: EvalJob) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_args(args)
     job = resolve_job(args)
     if args.n_chips == 1:
         evaluate(job)
         return EXIT_OK
-    from torch.multiprocessing import ProcessRaisedException
+    from modelzoo.cli.errors import spawn_reporting_errors
 
-    from modelzoo.parallel.mesh import spawn_cpu
-
-    try:
-        spawn_cpu(_tp_worker, args.n_chips, job)
-    except ProcessRaisedException as error:
-        last = str(error).strip().splitlines()[-1]
-        print(f"error: a tensor-parallel worker failed: {last}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return spawn_reporting_errors(_tp_worker, args.n_chips, job)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; a user error prints one ``error:`` line and returns 2. ``--help`` and flag
     errors answer before torch is imported."""
-    args = _parser().parse_args(argv)
-    try:
-        _check_args(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from modelzoo.cli.errors import run_reporting_errors
+    from modelzoo.cli.errors import run_reporting_errors  # light: no torch
 
-    return run_reporting_errors(_run, args)
+    return run_reporting_errors(_run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

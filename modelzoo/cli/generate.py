@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from modelzoo.checkpoint.json_file import json_lines
 from modelzoo.config import ConfigError, GenerationRunConfig, config_to_dict
 from modelzoo.config.build import build
 from modelzoo.config.checks import check_config
@@ -48,7 +49,7 @@ FLAG_KEYS = {
     "max_length": "generation.max_length", "dtype": "model.dtype", "backend": "backend",
     "n_chips": "samba_compile.n_chips", "checkpoint": "model.name_or_path",
 }
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK = 0
 
 
 class UsageError(ValueError):
@@ -179,19 +180,13 @@ def read_prompts_file(path: str) -> list[str]:
     if not file.is_file():
         raise UsageError(f"--prompts-file {path}: no such file")
     prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number}: invalid JSON ({err.msg}); write one JSON object per line") from None
+    for number, item in json_lines(path, fix="write one JSON object per line", error=UsageError):
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
             prompts.append(item["prompt"])
         elif isinstance(item, str):
             prompts.append(item)
         else:
-            raise UsageError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or a JSON string, got {line[:60]!r}")
+            raise UsageError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or a JSON string, got {json.dumps(item)[:60]}")
     if not prompts:
         raise UsageError(f"--prompts-file {path}: no prompts in it")
     return prompts
@@ -385,17 +380,9 @@ def _run(argv: list[str] | None) -> int:
     n_chips = cfg.samba_compile.n_chips
     if n_chips == 1:
         return run_job(job, tokenizer=tokenizer)
-    from torch.multiprocessing import ProcessRaisedException
+    from modelzoo.cli.errors import spawn_reporting_errors
 
-    from modelzoo.parallel.mesh import spawn_cpu
-
-    try:
-        spawn_cpu(_tp_worker, n_chips, job)
-    except ProcessRaisedException as error:
-        last = str(error).strip().splitlines()[-1]
-        print(f"error: a tensor-parallel worker failed: {last}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return spawn_reporting_errors(_tp_worker, n_chips, job)
 
 
 def main(argv: list[str] | None = None) -> int:

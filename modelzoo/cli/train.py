@@ -129,10 +129,11 @@ def run(argv: list[str]) -> int:
 def _first_line(args) -> str | None:
     """What the command is about to do, from the config alone (a fraction of a second, no torch);
     None when the config has a mistake: :func:`run` reports it as the one line on screen."""
-    from modelzoo.config import ConfigError, load_config
+    from modelzoo.config import ConfigError
+    from modelzoo.models.llama.checks import load_run_config  # torch-free: the rules that need the model too
 
     try:
-        cfg = load_config(args.config, args.overrides, kind="training")
+        cfg = load_run_config(args.config, args.overrides, kind="training")
     except ConfigError:
         return None
     what = "compile plan" if cfg.command == "compile" else "training"

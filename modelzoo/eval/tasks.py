@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelzoo.checkpoint.json_file import json_lines
+
 from .scoring import Score, Scorer, ScoreRequest
 
 
@@ -129,16 +131,9 @@ def read_lambada(path: str | Path) -> list[str]:
     if not file.is_file():
         raise EvalInputError(f"--input {path}: no such file")
     texts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalInputError(f"{path}:{number}: invalid JSON ({err.msg}); write one {{\"text\": \"...\"}} "
-                                 "object per line") from None
+    for number, item in json_lines(path, fix='write one {"text": "..."} object per line', error=EvalInputError):
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise EvalInputError(f"{path}:{number}: expected {{\"text\": \"...\"}}, got {line[:60]!r}")
+            raise EvalInputError(f"{path}:{number}: expected {{\"text\": \"...\"}}, got {json.dumps(item)[:60]}")
         if len(item["text"].split()) < 2:
             raise EvalInputError(f"{path}:{number}: the text needs at least two words (a context and the last word)")
         texts.append(item["text"])
