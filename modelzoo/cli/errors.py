@@ -18,6 +18,11 @@ from collections.abc import Callable
 
 from modelzoo.checkpoint.errors import CheckpointError
 
+
+class UsageError(ValueError):
+    """A bad command line; one line (reported by :func:`run_reporting_errors`)."""
+
+
 #: (module, class name) of the user errors that are neither ValueError nor CheckpointError
 LAZY_USER_ERRORS = (
     ("modelzoo.compile.plan", "PlanError"),

@@ -41,38 +41,25 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from modelzoo.cli.errors import UsageError
+from modelzoo.cli.model_options import add_model_options
 
 if TYPE_CHECKING:  # torch comes with modelzoo.generation: imported after parsing
     from modelzoo.generation.source import ModelSource
 
-BACKENDS = ("cpu", "inductor", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8")
 SPLITS = ("dev", "train")
 EXIT_OK = 0
 
 
-class UsageError(ValueError):
-    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
-
-
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="HF checkpoint dir (float or int8), a training run's dir (its "
-                   "newest checkpoint; a LoRA run's: its base + adapter), or a preset name (random weights)")
-    p.add_argument("--adapter", metavar="DIR", help="peft LoRA/DoRA adapter dir to run on the base, unmerged")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the adapter's, else the checkpoint's)")
+    add_model_options(p, backend_help="device: cpu or cuda; inductor also compiles the generation engine (lm-eval "
+                      "generate_until); scoring forwards run eager",
+                      n_chips_help="tensor-parallel degree: processes on this machine")
     p.add_argument("--batch-size", type=int, default=8, help="windows / requests per forward (default: %(default)s)")
-    p.add_argument("--backend", choices=BACKENDS, default="cpu", help="device: cpu or cuda; inductor also compiles "
-                   "the generation engine (lm-eval generate_until); scoring forwards run eager "
-                   "(default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute (default: %(default)s)")
-    p.add_argument("--quantize", choices=QUANTIZE, default="none", help="int8: weight-only, per output channel "
-                   "(default: %(default)s)")
-    p.add_argument("--n-chips", type=int, default=1, help="tensor-parallel degree: processes on this machine "
-                   "(default: %(default)s)")
     p.add_argument("--output-json", metavar="FILE", help="write metrics, config, checkpoint hashes, versions and "
                    "timings to FILE")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -144,9 +131,6 @@ def _check_args(args: argparse.Namespace) -> None:
         for flag in ("seq_length", "stride"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        if args.seq_length and args.stride and args.stride > args.seq_length:
-            raise UsageError(f"--stride {args.stride} exceeds --seq-length {args.seq_length}; windows would skip "
-                             "tokens (use a stride <= seq-length)")
     if args.task in ("wikitext", "lambada") and not Path(args.input).is_file():
         raise UsageError(f"--input {args.input}: no such file")
     if args.task == "ppl" and args.prompt_loss_weight is not None and not 0 <= args.prompt_loss_weight <= 1:
@@ -156,7 +140,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--include-path {args.include_path}: no such directory")
         if args.limit is not None and args.limit <= 0:
             raise UsageError(f"--limit must be > 0, got {args.limit}")
-        if not [t for t in args.tasks.split(",") if t.strip()]:
+        if not task_names(args.tasks):
             raise UsageError("--tasks is empty; name at least one task")
 
 
@@ -167,16 +151,12 @@ def _check_args(args: argparse.Namespace) -> None:
 class EvalJob:
     """Everything a (tensor-parallel) worker needs; picklable."""
 
-    args: dict[str, Any]
+    args: argparse.Namespace
     model: ModelSource
     context: int
     patch_settings: dict[str, Any] = field(default_factory=dict)
     prompt_loss_weight: float = 0.0
     resolve_s: float = 0.0
-
-    @property
-    def a(self) -> argparse.Namespace:
-        return argparse.Namespace(**self.args)
 
 
 def _training_settings(source: str) -> tuple[dict[str, Any], float | None]:
@@ -194,11 +174,8 @@ def _training_settings(source: str) -> tuple[dict[str, Any], float | None]:
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: unreadable training config ({err}); pass --prompt-loss-weight and fix or "
                          "remove the file") from None
-    model = data.get("model") or {}
-    settings = {k: model[k] for k in ("patches", "fp32_ln", "fp32_logits", "fp32_skip_add", "mixedp_attn",
-                                      "article_attention") if k in model}
     weight = (data.get("training") or {}).get("prompt_loss_weight")
-    return settings, None if weight is None else float(weight)
+    return data.get("model") or {}, None if weight is None else float(weight)  # the model section: patch settings
 
 
 def resolve_job(args: argparse.Namespace) -> EvalJob:
@@ -209,7 +186,7 @@ def resolve_job(args: argparse.Namespace) -> EvalJob:
     begin = time.perf_counter()
     found, config = resolve_model_source(args.checkpoint, args.adapter, args.tokenizer, n_chips=args.n_chips,
                                          quantize=args.quantize, tokenizer=args.task != "ppl")
-    job = EvalJob(vars(args).copy(), found, int(config.max_position_embeddings))
+    job = EvalJob(argparse.Namespace(**vars(args)), found, int(config.max_position_embeddings))
     if args.task == "ppl":
         _check_dataset(args, config)
         job.patch_settings, weight = _training_settings(found.source)
@@ -218,9 +195,10 @@ def resolve_job(args: argparse.Namespace) -> EvalJob:
         seq = args.seq_length or min(1024, job.context)
         if seq > job.context:
             raise UsageError(f"--seq-length {seq} exceeds the model's context ({job.context}, max_position_embeddings)")
-        job.args["seq_length"], job.args["stride"] = seq, args.stride or seq
-        if job.args["stride"] > seq:
-            raise UsageError(f"--stride {job.args['stride']} exceeds --seq-length {seq}")
+        job.args.seq_length, job.args.stride = seq, args.stride or seq
+        if job.args.stride > seq:
+            raise UsageError(f"--stride {job.args.stride} exceeds --seq-length {seq}; windows would skip tokens "
+                             "(use a stride <= seq-length)")
         from modelzoo.eval.tasks import read_text
 
         read_text(args.input)
@@ -241,9 +219,7 @@ def _check_dataset(args: argparse.Namespace, config) -> None:
     if not root.is_dir():
         raise UsageError(f"--dataset-dir {root}: no such directory; build one with modelzoo-data-prep")
     dataset = HDF5DatasetDir(root)
-    if int(dataset.metadata["vocab_size"]) > int(config.vocab_size):
-        raise DatasetError(f"{root / 'metadata.yaml'}: tokenizer vocab_size {dataset.metadata['vocab_size']} exceeds "
-                           f"the model's vocab_size {config.vocab_size}; prepare the data with the model's tokenizer")
+    dataset.check_vocab(int(config.vocab_size))
     if not dataset.files(args.split):
         raise DatasetError(f"{root}: no {args.split} files; use --split "
                            f"{'train' if args.split == 'dev' else 'dev'} or re-run data prep with a {args.split} split")
@@ -257,7 +233,7 @@ def _check_tasks(args: argparse.Namespace) -> None:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=args.include_path)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = task_names(args.tasks)
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         import difflib
@@ -274,7 +250,7 @@ def _check_tasks(args: argparse.Namespace) -> None:
 def _load_model(job: EvalJob, world_size: int):
     from modelzoo.generation import load_for_generation
 
-    a = job.a
+    a = job.args
     model = load_for_generation(job.model.source, dtype=a.dtype, quantize=a.quantize, adapter=job.model.adapter)
     if a.task == "ppl":
         from modelzoo.models.llama import patch_llama
@@ -297,67 +273,63 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-class _Bar:
-    """A tqdm bar on stderr (rank 0, unless --no-progress) counting windows/examples."""
+def task_names(tasks: str) -> list[str]:
+    """The names of a comma-separated ``--tasks``."""
+    return [t.strip() for t in tasks.split(",") if t.strip()]
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="seq", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+def _builtin_task(a: argparse.Namespace, model, tokenizer, progress: bool):
+    """``(result, tokens run)`` of ``ppl``, ``wikitext`` or ``lambada``, with a bar on stderr."""
+    from tqdm import tqdm
 
-    def __call__(self, n: int) -> None:
-        self.bar.update(n)
+    from modelzoo.eval import tasks
+    from modelzoo.eval.scoring import Scorer
 
-    def close(self) -> None:
-        self.bar.close()
+    scorer = Scorer(model, a.batch_size)
+
+    def bar(total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="seq", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    if a.task == "ppl":
+        from modelzoo.data.hdf5_reader import HDF5DatasetDir
+
+        reader = HDF5DatasetDir(Path(a.dataset_dir)).reader(a.split)
+        with bar(len(reader), f"ppl {a.split}") as b:
+            return tasks.dataset_loss(model, reader, a.batch_size, a.split, b.update), len(reader) * reader.seq_len
+    if a.task == "wikitext":
+        windows, words = tasks.wikitext_windows(tokenizer, tasks.read_text(a.input), a.seq_length, a.stride)
+        with bar(len(windows), "wikitext windows") as b:
+            result = tasks.wikitext(scorer, windows, words, a.seq_length, a.stride, b.update)
+    else:
+        texts = tasks.read_lambada(a.input)
+        with bar(len(texts), "lambada") as b:
+            result = tasks.lambada(scorer, tokenizer, texts, a.strict, b.update)[0]
+    return result, scorer.tokens_run
 
 
 def evaluate(job: EvalJob, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Load, evaluate, and (rank 0) print the summary and write the JSON; returns the report."""
-    from modelzoo.eval.scoring import Scorer
     from modelzoo.generation.source import load_source_tokenizer
 
-    a, main_rank = job.a, rank == 0
+    a, main_rank = job.args, rank == 0
     progress = a.progress and main_rank
     begin = time.perf_counter()
     tokenizer = load_source_tokenizer(job.model)[0] if a.task != "ppl" else None  # ppl reads token ids
     model = _load_model(job, world_size)
     loaded = time.perf_counter()
-    scorer = Scorer(model, a.batch_size)
-    if a.task == "ppl":
-        from modelzoo.data.hdf5_reader import HDF5DatasetDir
-        from modelzoo.eval.tasks import dataset_loss
-
-        reader = HDF5DatasetDir(Path(a.dataset_dir)).reader(a.split)
-        bar = _Bar(len(reader), f"ppl {a.split}", progress)
-        result = dataset_loss(model, reader, a.batch_size, a.split, bar)
-        bar.close()
-        metrics, line, tokens = result.metrics(), result.line(), len(reader) * reader.seq_len
-    elif a.task == "wikitext":
-        from modelzoo.eval.tasks import read_text, wikitext, wikitext_windows
-
-        windows, words = wikitext_windows(tokenizer, read_text(a.input), a.seq_length, a.stride)
-        bar = _Bar(len(windows), "wikitext windows", progress)
-        result = wikitext(scorer, windows, words, a.seq_length, a.stride, bar)
-        bar.close()
-        metrics, line, tokens = result.metrics(), result.line(), scorer.tokens_run
-    elif a.task == "lambada":
-        from modelzoo.eval.tasks import lambada, read_lambada
-
-        texts = read_lambada(a.input)
-        bar = _Bar(len(texts), "lambada", progress)
-        result, _ = lambada(scorer, tokenizer, texts, a.strict, bar)
-        bar.close()
-        metrics, line, tokens = result.metrics(), result.line(), scorer.tokens_run
-    else:
+    samples = None
+    if a.task == "lm-eval":
         metrics, line, tokens, samples = _lm_eval(job, model, tokenizer, progress)
+    else:
+        result, tokens = _builtin_task(a, model, tokenizer, progress)
+        metrics, line = asdict(result), result.line()
     done = time.perf_counter()
     int8 = _is_int8(job, model)
     if int8:
         line += " [int8 weights]"
     report = {
         "task": a.task, "metrics": metrics, "int8": int8,
-        "config": {k: v for k, v in job.args.items() if k not in ("progress",)},
+        "config": {k: v for k, v in vars(a).items() if k != "progress"},
         "tensor_parallel": world_size, "prompt_loss_weight": job.prompt_loss_weight if a.task == "ppl" else None,
         "checkpoint": {"source": job.model.source, "adapter": job.model.adapter},
         "versions": _versions(),
@@ -382,11 +354,11 @@ def _lm_eval(job: EvalJob, model, tokenizer, progress: bool):
 
     from modelzoo.eval.harness import ModelzooLM
 
-    a = job.a
+    a = job.args
     lm = ModelzooLM(model=model, tokenizer=tokenizer, backend=a.backend, batch_size=a.batch_size,
                     max_length=a.max_length, max_gen_toks=a.max_gen_toks, progress=progress)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=[t.strip() for t in a.tasks.split(",") if t.strip()], num_fewshot=a.num_fewshot,
+        model=lm, tasks=task_names(a.tasks), num_fewshot=a.num_fewshot,
         limit=a.limit, task_manager=TaskManager(include_path=a.include_path), gen_kwargs=a.gen_kwargs,
         apply_chat_template=a.apply_chat_template, log_samples=a.log_samples, random_seed=a.seed,
         numpy_random_seed=a.seed, torch_random_seed=a.seed, fewshot_random_seed=a.seed)
@@ -403,7 +375,7 @@ def _lm_eval(job: EvalJob, model, tokenizer, progress: bool):
 def _is_int8(job: EvalJob, model) -> bool:
     from modelzoo.checkpoint.int8 import QUANT_KEY
 
-    return job.a.quantize == "int8" or getattr(model.config, QUANT_KEY, None) is not None
+    return job.args.quantize == "int8" or getattr(model.config, QUANT_KEY, None) is not None
 
 
 def _versions() -> dict[str, str]:

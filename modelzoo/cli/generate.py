@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import TextIO
 
 from modelzoo.checkpoint.json_file import json_lines
+from modelzoo.cli.errors import UsageError
+from modelzoo.cli.model_options import BACKENDS, DTYPES, QUANTIZE
 from modelzoo.config import ConfigError, GenerationRunConfig, config_to_dict
 from modelzoo.config.build import build
 from modelzoo.config.checks import check_config
@@ -50,10 +52,6 @@ FLAG_KEYS = {
     "n_chips": "samba_compile.n_chips", "checkpoint": "model.name_or_path",
 }
 EXIT_OK = 0
-
-
-class UsageError(ValueError):
-    """Bad command line; the message is one line (reported by :mod:`modelzoo.cli.errors`)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,12 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="prompts decoded together (default: the config's "
                    "generation.batch_size; llama_tiny: 1)")
     p.add_argument("--max-length", type=int, help="static KV-cache slots (padded prompt + new tokens)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", choices=DTYPES,
                    help="weights and compute (default: the config's model.dtype; llama_tiny: float32)")
-    p.add_argument("--backend", choices=("cpu", "inductor", "cuda"),
+    p.add_argument("--backend", choices=BACKENDS,
                    help="cpu: eager; inductor: torch.compile; cuda: eager on the GPU (default: the config's; cpu)")
     p.add_argument("--n-chips", type=int, help="tensor-parallel degree: processes on this machine (default: 1)")
-    p.add_argument("--quantize", choices=("none", "int8"),
+    p.add_argument("--quantize", choices=QUANTIZE,
                    help="int8: weight-only, per output channel (default: the config's generation.quantize; none)")
     p.add_argument("--output-json", help="write completions, settings and telemetry to this file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.top_k=50")

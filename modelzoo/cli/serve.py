@@ -27,32 +27,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKENDS = ("cpu", "inductor", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8")
-
-
-class UsageError(ValueError):
-    """Bad command line; one line (reported by :mod:`modelzoo.cli.errors`)."""
+from modelzoo.cli.errors import UsageError
+from modelzoo.cli.model_options import add_model_options
 
 
 def _parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(prog="modelzoo-serve", description=doc[0], epilog=doc[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="HF checkpoint dir (float or pre-quantized int8), a training run's dir (its newest "
-                        "checkpoint; a LoRA run's: its base + adapter), or a preset name (random weights)")
-    p.add_argument("--adapter", metavar="DIR", help="peft LoRA/DoRA adapter dir to run on the base, unmerged")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the adapter's, else the checkpoint's)")
+    add_model_options(p, backend_help="cpu: eager; inductor: torch.compile",
+                      n_chips_help="tensor-parallel degree: processes on this machine, rank 0 serves HTTP")
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint dir's name)")
-    p.add_argument("--backend", choices=BACKENDS, default="cpu", help="cpu: eager; inductor: torch.compile "
-                   "(default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute (default: %(default)s)")
-    p.add_argument("--quantize", choices=QUANTIZE, default="none", help="int8: weight-only, per output channel "
-                   "(default: %(default)s)")
-    p.add_argument("--n-chips", type=int, default=1, help="tensor-parallel degree: processes on this machine, "
-                   "rank 0 serves HTTP (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="KV-cache slots = requests decoded together "
                    "(default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=2048, help="positions per slot, prompt + generated; "

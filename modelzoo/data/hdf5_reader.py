@@ -116,6 +116,12 @@ class HDF5DatasetDir:
         path = self.path / TOKENIZER_DIR
         return path if path.is_dir() else None
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse token ids a model of ``vocab_size`` has no embedding for (the metadata's tokenizer is larger)."""
+        if int(self.metadata["vocab_size"]) > vocab_size:
+            raise DatasetError(f"{self.path / METADATA_FILE}: tokenizer vocab_size {self.metadata['vocab_size']} exceeds "
+                               f"the model's vocab_size {vocab_size}; use the model's tokenizer for data prep")
+
     def files(self, split: str) -> list[Path]:
         if split not in self._files:
             raise DatasetError(f"unknown split '{split}'; one of: {', '.join(self._files)}")

@@ -81,9 +81,6 @@ class WikitextResult:
     seq_length: int
     stride: int
 
-    def metrics(self) -> dict:
-        return dict(self.__dict__)
-
     def line(self) -> str:
         return (f"wikitext: token ppl {self.token_ppl:.4f} (loss {self.token_loss:.6f} over {self.scored_tokens} tokens), "
                 f"word ppl {self.word_ppl:.4f} ({self.words} words); {self.windows} windows of {self.seq_length}, "
@@ -166,9 +163,6 @@ class LambadaResult:
     target_tokens: int
     strict: bool
 
-    def metrics(self) -> dict:
-        return dict(self.__dict__)
-
     def line(self) -> str:
         mode = "strict" if self.strict else "non-strict"
         return (f"lambada ({mode}): accuracy {self.accuracy:.4f} ({self.correct}/{self.examples}), "
@@ -193,9 +187,6 @@ class DatasetLossResult:
     weight_sum: float
     sequences: int
     split: str
-
-    def metrics(self) -> dict:
-        return dict(self.__dict__)
 
     def line(self) -> str:
         return (f"ppl ({self.split}): loss {self.loss:.6f}, perplexity {self.ppl:.4f} over {self.sequences} sequences "

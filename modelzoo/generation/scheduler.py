@@ -357,19 +357,18 @@ class SlotEngine:
                 stats.finished += 1
         return stats
 
+    def _decode_width(self, rows: int) -> int:
+        """Rows a decode step runs when rows ``0..rows-1`` may be occupied: a power-of-two bucket."""
+        return min(_next_pow2(rows), self.max_batch)
+
+    def _prefill_bucket(self, length: int) -> int:
+        """Tokens a compiled prefill of ``length`` prompt tokens runs (padded to a bucket)."""
+        return min(max(_next_pow2(length), MIN_BUCKET), self.prefill_chunk)
+
     def warmup_shapes(self) -> tuple[list[int], list[int]]:
-        """The step shapes a compiled engine meets: decode widths (powers of two up to
-        ``max_batch``, and ``max_batch``) and prefill buckets (``MIN_BUCKET``, doubling, up to
-        ``prefill_chunk``)."""
-        widths, width = [], 1
-        while width < self.max_batch:
-            widths.append(width)
-            width *= 2
-        buckets, bucket = [], MIN_BUCKET
-        while bucket < self.prefill_chunk:
-            buckets.append(bucket)
-            bucket *= 2
-        return widths + [self.max_batch], buckets + [self.prefill_chunk]
+        """The step shapes a compiled engine meets: every decode width and prefill bucket."""
+        widths = sorted({self._decode_width(n) for n in range(1, self.max_batch + 1)})
+        return widths, sorted({self._prefill_bucket(n) for n in range(1, self.prefill_chunk + 1)})
 
     @torch.no_grad()
     def warmup(self) -> int:
@@ -447,7 +446,7 @@ class SlotEngine:
         tokens = prompt[begin:begin + length]
         positions = list(range(begin, begin + length))
         if self.decoder.compiled:  # a fixed bucket: padding first, written to the scratch slot
-            bucket = min(max(_next_pow2(length), MIN_BUCKET), self.prefill_chunk)
+            bucket = self._prefill_bucket(length)
             pad = bucket - length
             tokens, positions = [0] * pad + tokens, [self.cache.scratch] * pad + positions
             kv_len = self.cache.slots
@@ -466,7 +465,7 @@ class SlotEngine:
         return length
 
     def _decode(self, rows: list[int]) -> int:
-        width = min(_next_pow2(max(rows) + 1), self.max_batch)  # rows 0..width-1: a power-of-two bucket
+        width = self._decode_width(max(rows) + 1)  # rows 0..width-1
         tokens = [[0] for _ in range(width)]
         positions = [[self.cache.scratch] for _ in range(width)]
         for row in rows:

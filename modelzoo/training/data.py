@@ -89,9 +89,7 @@ def open_training_data(dataset_dir: str | None, max_seq_length: int, vocab_size:
                            "or fix the path")
     dataset = HDF5DatasetDir(root, max_seq_length=max_seq_length, checksums=checksums)
     meta = dataset.metadata
-    if int(meta["vocab_size"]) > vocab_size:
-        raise DatasetError(f"{root / 'metadata.yaml'}: tokenizer vocab_size {meta['vocab_size']} exceeds the "
-                           f"model's vocab_size {vocab_size}; use the model's tokenizer for data prep")
+    dataset.check_vocab(vocab_size)
     train_files = dataset.files("train")
     if not train_files:
         raise DatasetError(f"{root}: no training files (number_of_training_files is 0); re-run data prep")
