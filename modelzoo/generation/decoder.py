@@ -15,14 +15,18 @@ copies) with the same operations as the HF forward (HF's RMSNorm modules, rotary
 - only the last position's logits are computed;
 - linears go through :mod:`modelzoo.generation.kernels` (see there for why).
 
-Eager (``compiled=False``) attention reads the slots filled so far (``F.scaled_dot_product_attention``);
-compiled, it reads all ``L`` slots (masked), so one decode graph serves every step, and a
-single-token step writes attention out explicitly so inductor fuses it with the rest of the step.
+Attention reads only the slots in use: the caller passes ``keys``, the slot indices ``0 .. n-1``
+(``n`` past the last position any row of the step holds). Compiled, ``n`` is a dynamic dimension
+(the engine marks it), so one graph per step shape still serves every length, and a decode step
+at position ``p`` reads ``p + 1`` slots of keys/values rather than the whole cache (at batch 8 with
+a 512-slot cache and sequences of 256, reading the whole cache made the llama_60m step 40% slower).
+A compiled single-token step writes attention out explicitly so inductor fuses it with the rest of
+the step; otherwise it is ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,21 @@ class StaticKVCache:
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    _index: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def keys(self, length: int, dynamic: bool = False) -> torch.Tensor:
+        """The slots a step attends to, ``arange(max(length, 2))`` (a view of one cached range).
+
+        ``dynamic``: marks the length as a dynamic dimension for ``torch.compile``, so that one graph
+        serves every length (at least 2: the compiler specializes sizes 0 and 1; the extra slot is
+        masked out).
+        """
+        if self._index is None:
+            self._index = torch.arange(self.slots, device=self.k[0].device)
+        keys = self._index[:max(length, 2)]
+        if dynamic:
+            torch._dynamo.maybe_mark_dynamic(keys, 0)
+        return keys
 
     @property
     def slots(self) -> int:
@@ -93,9 +112,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 class LlamaDecoder(nn.Module):
     """Prefill + decode for a ``LlamaForCausalLM`` (optionally tensor-parallel or int8).
 
-    ``forward(tokens [B, S], positions [B, S], rows [B] | None, cache, kv_len) -> logits [B, V]``
+    ``forward(tokens [B, S], positions [B, S], rows [B] | None, cache, keys [n]) -> logits [B, V]``
     (last position): writes the keys/values of ``tokens`` at their ``positions`` in cache ``rows``
-    (None: rows ``0..B-1``, the whole cache) and attends to slots ``< kv_len``.
+    (None: rows ``0..B-1``, the whole cache) and attends to slots ``keys`` = ``0 .. n-1``.
     """
 
     def __init__(self, model: LlamaForCausalLM) -> None:
@@ -123,14 +142,15 @@ class LlamaDecoder(nn.Module):
         return StaticKVCache(k=make[:layers], v=make[layers:])
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None,
-                cache_k: list[torch.Tensor], cache_v: list[torch.Tensor], kv_len: int) -> torch.Tensor:
+                cache_k: list[torch.Tensor], cache_v: list[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of the last of ``tokens`` ``[B, S]`` at ``positions`` ``[B, S]`` of cache
-        ``rows`` ``[B]`` (None: all rows, ``B`` = the cache's batch)."""
+        ``rows`` ``[B]`` (None: all rows, ``B`` = the cache's batch), attending to the cache slots
+        ``keys`` (``arange(n)``, :meth:`StaticKVCache.keys`)."""
         compiled = self.compiled
         inner = self.model.model
         batch, seq = tokens.shape
+        kv_len = keys.shape[0]
         index = rows if rows is not None else torch.arange(batch, device=tokens.device)
-        keys = torch.arange(kv_len, device=tokens.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]                # [B, 1, S, kv_len]
 
         hidden = inner.embed_tokens(tokens)

@@ -15,8 +15,10 @@ What keeps shapes few, so compiled graphs are reused:
 
 - a decode step runs the rows ``0 .. W-1``, ``W`` the power of two (at most ``max_batch``) that
   covers the highest occupied row; a new request takes the lowest free row, so ``W`` follows the
-  load (an idle row inside it decodes a dummy token into the scratch slot); compiled, it attends
-  over the whole cache (masked), so there is one decode graph per ``W``;
+  load (an idle row inside it decodes a dummy token into the scratch slot); it attends to the
+  slots up to the highest position in the step, a length that is a dynamic dimension when
+  compiled (:meth:`~modelzoo.generation.decoder.StaticKVCache.keys`), so there is one decode graph
+  per ``W`` and no step reads more of the cache than its longest row holds;
 - a prefill chunk runs one row (``[1, S]``); compiled, ``S`` is padded up to a power-of-two bucket
   (at least 16, at most ``prefill_chunk``), the padding written to the scratch slot;
 - every request samples from its own ``torch.Generator`` (seeded from its ``seed`` and
@@ -379,12 +381,12 @@ class SlotEngine:
             return 0
         if self.has_work():
             raise RuntimeError("warm up the engine before submitting requests")
-        scratch, slots = self.cache.scratch, self.cache.slots
+        scratch = self.cache.scratch
         widths, buckets = self.warmup_shapes()
         for width in widths:
-            self._forward([[0]] * width, [[scratch]] * width, None, slots)
+            self._forward([[0]] * width, [[scratch]] * width, None, 2)
         for bucket in buckets:
-            self._forward([[0] * bucket], [[scratch] * bucket], [0], slots)
+            self._forward([[0] * bucket], [[scratch] * bucket], [0], 2)
         return len(widths) + len(buckets)
 
     def run_until_idle(self) -> None:
@@ -430,7 +432,8 @@ class SlotEngine:
         if self.leader:
             self._broadcast_call(tokens_t, positions_t, rows_t, kv_len)
         cache_k, cache_v = self._cache_views(len(tokens), rows is None)
-        return self.step_fn(tokens_t, positions_t, rows_t, cache_k, cache_v, kv_len)
+        return self.step_fn(tokens_t, positions_t, rows_t, cache_k, cache_v,
+                            self.cache.keys(kv_len, dynamic=self.decoder.compiled))
 
     def _cache_views(self, batch: int, leading: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if not leading or batch == self.max_batch:
@@ -449,11 +452,8 @@ class SlotEngine:
             bucket = self._prefill_bucket(length)
             pad = bucket - length
             tokens, positions = [0] * pad + tokens, [self.cache.scratch] * pad + positions
-            kv_len = self.cache.slots
-        else:
-            kv_len = begin + length
         try:
-            logits = self._forward([tokens], [positions], [row], kv_len)
+            logits = self._forward([tokens], [positions], [row], begin + length)
         except Exception as err:  # a forward of one row: fail this request alone
             slot.state.finish_reason = FINISH_ERROR
             slot.handle.cancel(f"{type(err).__name__}: {err}")
@@ -471,12 +471,8 @@ class SlotEngine:
         for row in rows:
             slot = self.slots[row]
             tokens[row][0], positions[row][0] = slot.last_token, slot.position
-        if self.decoder.compiled:
-            kv_len = self.cache.slots
-        else:
-            kv_len = max(positions[row][0] for row in rows) + 1
         try:
-            logits = self._forward(tokens, positions, None, kv_len)
+            logits = self._forward(tokens, positions, None, max(positions[row][0] for row in rows) + 1)
         except Exception as err:  # the whole batch's forward: these requests fail, the engine goes on
             for row in rows:
                 self.slots[row].state.finish_reason = FINISH_ERROR
@@ -598,7 +594,8 @@ class SlotEngine:
                 dist.broadcast(rows, src=0)
                 rows = rows.to(device)
             cache_k, cache_v = self._cache_views(batch, rows is None)
-            self.step_fn(tokens.to(device), positions.to(device), rows, cache_k, cache_v, kv_len)
+            self.step_fn(tokens.to(device), positions.to(device), rows, cache_k, cache_v,
+                         self.cache.keys(kv_len, dynamic=self.decoder.compiled))
 
 
 class EngineThread:
