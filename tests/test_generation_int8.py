@@ -48,7 +48,7 @@ def _decoder_last_logits(model, ids):
     cache = dec.new_cache(ids.shape[0], ids.shape[1])
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     with torch.no_grad():
-        return dec(ids, positions, None, cache.k, cache.v, ids.shape[1])
+        return dec(ids, positions, None, cache.k, cache.v, cache.keys(ids.shape[1]))
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -110,9 +110,9 @@ def test_static_cache_shapes_are_constant_across_decode_steps():
     shapes = []
     step = gen.step
 
-    def spy(tokens, positions, rows, cache_k, cache_v, kv_len):
+    def spy(tokens, positions, rows, cache_k, cache_v, keys):
         shapes.append((tuple(tokens.shape), tuple(positions.shape), rows is None, tuple(cache_k[0].shape)))
-        return step(tokens, positions, rows, cache_k, cache_v, kv_len)
+        return step(tokens, positions, rows, cache_k, cache_v, keys)
 
     gen.step = spy
     gen.generate_ids(random_prompts(model.config.vocab_size)[:2], 8)

@@ -478,31 +478,32 @@ class SlotEngine:
                 self.slots[row].state.finish_reason = FINISH_ERROR
                 self.slots[row].handle.cancel(f"{type(err).__name__}: {err}")
             return 0
+        # plain greedy rows (the common case) take their argmax in one op for the whole step
+        plain = [row for row in rows if self._plain_greedy(self.slots[row])]
+        picked = dict(zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True)) if plain else {}
         kept = 0
         for row in rows:
             before = len(self.slots[row].state.token_ids)
-            self._take(row, self.slots[row], logits[row])
+            self._take(row, self.slots[row], logits[row], picked.get(row))
             kept += len(self.slots[row].state.token_ids) - before
         return kept
 
-    def _take(self, row: int, slot: _Slot, logits: torch.Tensor) -> None:
-        """Choose ``slot``'s next token from its logits ``[V]``, update its stop state, stream it."""
+    @staticmethod
+    def _plain_greedy(slot: _Slot) -> bool:
+        """The next token is the argmax of the raw logits (no logprobs, penalty or EOS ban)."""
+        request = slot.request
+        return (request.sampling.greedy and request.logprobs is None and slot.seen is None
+                and not (len(slot.state.token_ids) < request.min_tokens and slot.checker.eos))
+
+    def _take(self, row: int, slot: _Slot, logits: torch.Tensor, token: int | None = None) -> None:
+        """Choose ``slot``'s next token from its logits ``[V]`` (``token``: already chosen, see
+        :meth:`_plain_greedy`), update its stop state, stream it."""
         request = slot.request
         try:
-            logits = logits.float()[None]
-            logp = torch.log_softmax(logits[0], dim=-1) if request.logprobs is not None else None  # raw model
-            if len(slot.state.token_ids) < request.min_tokens and slot.checker.eos:
-                logits = logits.clone()
-                logits[0, list(slot.checker.eos)] = float("-inf")
-            seen = slot.seen[None] if slot.seen is not None else None
-            generators = [slot.generator] if slot.generator is not None else None
-            token = int(choose_next(logits, request.sampling, seen, generators)[0])
             logprob, top = None, None
-            if logp is not None:
-                logprob = float(logp[token])
-                if request.logprobs > 0:
-                    values, ids = torch.topk(logp, request.logprobs)
-                    top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            if token is None:
+                token, logprob, top = self._choose(slot, logits)
+            if request.logprobs is not None:
                 slot.logprobs.append(logprob)
                 slot.top_logprobs.append(top or [])
             if slot.seen is not None:
@@ -523,6 +524,27 @@ class SlotEngine:
         except Exception as err:  # this request's own handling (sampling, decoding, its callback)
             slot.state.finish_reason = FINISH_ERROR
             slot.handle.cancel(f"{type(err).__name__}: {err}")
+
+    @staticmethod
+    def _choose(slot: _Slot, logits: torch.Tensor) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+        """``slot``'s next token from its logits ``[V]``, with its log-probability and the top
+        alternatives when the request asked for them."""
+        request = slot.request
+        logits = logits.float()[None]
+        logp = torch.log_softmax(logits[0], dim=-1) if request.logprobs is not None else None  # raw model
+        if len(slot.state.token_ids) < request.min_tokens and slot.checker.eos:
+            logits = logits.clone()
+            logits[0, list(slot.checker.eos)] = float("-inf")
+        seen = slot.seen[None] if slot.seen is not None else None
+        generators = [slot.generator] if slot.generator is not None else None
+        token = int(choose_next(logits, request.sampling, seen, generators)[0])
+        if logp is None:
+            return token, None, None
+        top = None
+        if request.logprobs > 0:
+            values, ids = torch.topk(logp, request.logprobs)
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return token, float(logp[token]), top
 
     def _result(self, handle: RequestHandle, slot: _Slot | None, reason: str, error: str | None) -> RequestResult:
         request = handle.request

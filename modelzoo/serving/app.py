@@ -175,13 +175,16 @@ class Submission:
                 self.cancel("timeout")
                 raise APIError(504, f"the request did not finish within {self.server.settings.request_timeout:g} s "
                                     "(the server's --request-timeout)", type="timeout", code="timeout")
-            try:
-                item = await asyncio.wait_for(self.queue.get(), min(remaining, 0.5))
-            except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    self.cancel("client disconnected")
-                    raise ClientGone from None
-                continue
+            if not self.queue.empty():  # no timer when the event is already here (the common case)
+                item = self.queue.get_nowait()
+            else:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), min(remaining, 0.5))
+                except asyncio.TimeoutError:
+                    if http is not None and await http.is_disconnected():
+                        self.cancel("client disconnected")
+                        raise ClientGone from None
+                    continue
             if isinstance(item, RequestResult):
                 self.pending -= 1
                 self._record(item)
