@@ -477,7 +477,7 @@ def main() -> None:
                         help="server rows only (no static / hf rows, no x columns or throughput targets)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads here and OMP_NUM_THREADS of the servers")
-    parser.add_argument("--startup-timeout", type=float, default=300, help="seconds for GET /health to answer 200")
+    parser.add_argument("--startup-timeout", type=float, default=900, help="seconds for GET /health to answer 200")
     parser.add_argument("--request-timeout", type=float, default=600, help="seconds per request")
     parser.add_argument("--no-stagger", dest="stagger", action="store_false",
                         help="start all C clients at once (a burst of C prompts to prefill) instead of spreading "
