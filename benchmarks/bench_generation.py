@@ -19,7 +19,12 @@ embedding table, of which only B rows are read; int8: 1 byte per weight + fp32 s
 achieved bandwidth is ``weights/step / ms/step``; it is compared with the copy bandwidth measured
 here (``dst.copy_(src)`` of 256 MiB, bytes read + written, the STREAM convention).
 
+The first lines name the CPU's vector extensions, the instruction set compiled kernels are generated
+for, and the kernels each of our rows runs. On a CPU with AVX-512, ``ATEN_CPU_CAPABILITY=avx2``
+makes inductor generate AVX2 code (what a CPU without AVX-512 runs).
+
     python benchmarks/bench_generation.py [--batch-sizes 1 8] [--rounds 3] [--no-hf-compile]
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_generation.py
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 import torch
 
 from modelzoo.generation import Generator, quantize_for_generation_
+from modelzoo.generation.kernels import cpu_line, kernel_line
 from modelzoo.models.llama import from_pretrained
 
 
@@ -121,8 +127,12 @@ def main() -> None:
     n_params = sum(p.numel() for p in fp32.parameters())
     print(f"bench_generation: {args.model} ({n_params / 1e6:.1f}M params), prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(cpu_line())
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read+write); weights read per decode step: "
           f"fp32 {bytes_fp32 / 1e6:.1f} MB, int8 {bytes_int8 / 1e6:.1f} MB")
+    for backend, compiled in (("cpu", False), ("inductor", True)):
+        for dtype, model in (("fp32", fp32), ("int8", int8)):
+            print(f"kernels of ours {backend:<8} {dtype}: {kernel_line(model, compiled)}")
     summary = {}
     for batch in args.batch_sizes:
         ids = torch.randint(3, fp32.config.vocab_size, (batch, args.prompt_len),

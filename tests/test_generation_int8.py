@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -28,7 +29,15 @@ from modelzoo.generation import (
     model_nbytes,
     quantize_for_generation_,
 )
-from modelzoo.generation.kernels import dense_linear, int8_linear
+from modelzoo.generation.kernels import (
+    VECTOR_FLAGS,
+    cpu_flags,
+    cpu_line,
+    dense_linear,
+    int8_linear,
+    kernel_line,
+    note_eager_int8,
+)
 
 MAX_REL_ERROR = 0.05
 MAX_BF16_MULTIPLE = 4.0
@@ -82,15 +91,25 @@ def _dequantized_copy(quant, model):
     return ref
 
 
-@pytest.mark.parametrize("preset", ["llama2_tiny", "llama3_2_tiny"])
-def test_int8_greedy_equals_transformers_on_dequantized_weights(preset):
+@pytest.mark.parametrize(("preset", "backend"), [("llama2_tiny", "cpu"), ("llama3_2_tiny", "cpu"),
+                                                ("llama3_2_tiny", "inductor")])
+def test_int8_greedy_equals_transformers_on_dequantized_weights(preset, backend, caplog):
+    """Eager (one-row int8 kernel while a single row decodes, dequantized products for wider steps)
+    and compiled (int8 reductions for decode, dequantized GEMMs for prefill) int8 generation both equal
+    ``transformers`` on the dequantized weights, token for token; eager int8 says once that it is slow."""
     model = stock_model(preset)
     quant = copy.deepcopy(model)
     quantize_for_generation_(quant)
     prompts = random_prompts(model.config.vocab_size)
     want = hf_greedy(_dequantized_copy(quant, model), prompts, 64)
-    got = Generator(quant, batch_size=4, eos_token_ids=[]).generate_ids(prompts, 64)
-    assert [c.token_ids for c in got] == want
+    note_eager_int8.cache_clear()
+    with caplog.at_level("WARNING", logger="modelzoo.generation"):
+        gen = Generator(quant, backend=backend, batch_size=4, eos_token_ids=[])
+        Generator(quant, backend=backend, batch_size=1, eos_token_ids=[])
+    notes = [r.getMessage() for r in caplog.records if "int8 weights on the eager cpu backend" in r.getMessage()]
+    assert len(notes) == (1 if backend == "cpu" else 0)
+    assert [c.token_ids for c in gen.generate_ids(prompts, 64)] == want
+    assert [c.token_ids for c in gen.generate_ids(prompts[:1], 64)] == want[:1]  # one row: the int8 kernel
 
 
 def _write_prequantized(tmp_path, preset, with_embedding):
@@ -137,3 +156,18 @@ def test_compiled_kernels_equal_eager():
     want = x @ dequantize_weight(q, scale).T
     assert_close(int8, want, atol=1e-5, rtol=1e-5)
     assert_close(int8_linear(x[:1, 0], q, scale, None, compiled=False), want[:1, 0], atol=1e-5, rtol=1e-5)
+    assert_close(int8_linear(x, q, scale, None, compiled=False), want, atol=1e-5, rtol=1e-5)  # dequantized
+
+
+def test_kernel_report_names_the_cpu_and_the_paths():
+    """What ``bench_generation.py`` prints: the CPU's vector extensions, the instruction set, the kernels."""
+    line = cpu_line()
+    assert line.startswith("cpu flags: ") and f"aten: {torch.backends.cpu.get_cpu_capability().lower()}" in line
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    assert set(cpu_flags()) == {f for f in VECTOR_FLAGS if f in flags}
+    model = stock_model("llama2_tiny")
+    quant = copy.deepcopy(model)
+    quantize_for_generation_(quant)
+    assert kernel_line(quant, compiled=False).startswith("eager: 1 row torch._weight_int8pack_mm")
+    assert "int8 converted in registers" in kernel_line(quant, compiled=True)
+    assert "int8" not in kernel_line(model, compiled=True) and kernel_line(model, compiled=False).startswith("eager")

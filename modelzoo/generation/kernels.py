@@ -12,6 +12,12 @@ decode fast. (Measured on llama_60m's 33 matrices, 2 cores: fp32 batch 1 ``F.lin
 oneDNN 20-22 GB/s, compiled reduction 23-25 GB/s; int8 compiled 15-17 GB/s of int8 = 6x fewer
 seconds than ``F.linear`` fp32; ``torch._weight_int8pack_mm`` about 2 GB/s here.)
 
+Per instruction set (llama_60m, batch 1, compiled, 2 cores of an AMD EPYC with AVX-512 + VNNI, ms
+per decode step): AVX-512 code fp32 8.1, int8 2.65 (3.0x); AVX2 code (``ATEN_CPU_CAPABILITY=avx2``)
+fp32 8.7, int8 4.2 (2.1x). Eager int8 (``_weight_int8pack_mm`` / dequantize per call) is slower than
+eager fp32 (34 vs 64 tok/s at batch 1), hence :func:`note_eager_int8`. :func:`cpu_line` and
+:func:`kernel_line` say what ran.
+
 Every path computes ``x @ W.T (* scale) (+ bias)``; they differ only in summation order (fp32
 rounding), which the greedy-parity tests against ``transformers`` cover.
 """
@@ -19,6 +25,9 @@ rounding), which the greedy-parity tests against ``transformers`` cover.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +52,70 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
         return bool(torch.equal(out, F.linear(x, w)))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+#: The vector extensions worth naming when a kernel choice is reported (x86, then ARM).
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                "amx_tile", "amx_int8", "asimd", "sve", "sve2")
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The vector extensions of :data:`VECTOR_FLAGS` this CPU reports (``/proc/cpuinfo``; empty
+    where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            found = set(line.split(":", 1)[1].split())
+            return tuple(flag for flag in VECTOR_FLAGS if flag in found)
+    return ()
+
+
+@functools.cache
+def vector_isa() -> str:
+    """The instruction set compiled CPU kernels are generated for: inductor's choice (the best the
+    CPU has, capped by ``ATEN_CPU_CAPABILITY``), or ATen's dispatch level without inductor."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = pick_vec_isa()
+        return str(isa) if isa else "scalar"
+    except Exception:  # noqa: BLE001 - a private module: fall back to the public capability
+        return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def cpu_line() -> str:
+    """One line naming the CPU's vector extensions and the instruction set kernels run with."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    forced = f", ATEN_CPU_CAPABILITY={capability}" if capability else ""
+    return (f"cpu flags: {' '.join(cpu_flags()) or 'none found'}; compiled kernels: {vector_isa()}; "
+            f"aten: {torch.backends.cpu.get_cpu_capability().lower()}{forced}")
+
+
+def kernel_line(model: nn.Module, compiled: bool) -> str:
+    """Which linear kernels a decode step of ``model`` runs (for benchmarks and notes)."""
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    if compiled:
+        return (f"compiled {vector_isa()}: up to {SMALL_ROWS} rows as fused reductions "
+                f"({'int8 converted in registers' if int8 else 'fp32'}), more rows as GEMMs"
+                + (" of the dequantized weight" if int8 else ""))
+    if int8:
+        return "eager: 1 row torch._weight_int8pack_mm, more rows F.linear of the dequantized weight"
+    return "eager: oneDNN linear" + ("" if onednn_linear_available() else " (unavailable here: F.linear)")
+
+
+@functools.cache
+def note_eager_int8() -> str:
+    """The one-time advice for int8 weights on an eager CPU backend, logged (once per process) by the
+    engine that meets them."""
+    message = ("note: int8 weights on the eager cpu backend dequantize each matrix per product (one-row "
+               "products use PyTorch's int8 kernel), which is slower than fp32 eager; --backend inductor "
+               "runs int8 products as compiled kernels that read 1 byte per weight (several times fp32)")
+    logging.getLogger("modelzoo.generation").warning(message)
+    return message
 
 
 def _is_plain(weight: torch.Tensor) -> bool:
