@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -121,3 +122,23 @@ def test_inductor_matches_cpu_reference():
         out = compiled(ids, token_type_ids=types)
     assert_close(out.logits, reference.logits, atol=1e-4, rtol=0)
     assert_close(out.loss, reference.loss, atol=1e-4, rtol=0)
+
+
+def test_inductor_cache_is_kept_apart_per_forced_instruction_set(monkeypatch, tmp_path):
+    """``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 CPU loaded kernels cached for AVX-512 and generated
+    wrong tokens; the inductor backend gives each forced instruction set a cache directory of its own."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from modelzoo.backends.reference import isa_keyed_cache_dir
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert isa_keyed_cache_dir() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the default cache dir lives under the temp dir
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    keyed = isa_keyed_cache_dir()
+    assert keyed == default_cache_dir() + "_avx2" and keyed.startswith(str(tmp_path))
+    assert cache_dir() == keyed  # what inductor reads
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice stands
+    assert isa_keyed_cache_dir() == str(tmp_path / "mine")

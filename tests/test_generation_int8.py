@@ -30,10 +30,13 @@ from modelzoo.generation import (
     quantize_for_generation_,
 )
 from modelzoo.generation.kernels import (
+    INT8_KERNELS,
     VECTOR_FLAGS,
+    _int8_kernel,
     cpu_flags,
     cpu_line,
     dense_linear,
+    int8_kernel,
     int8_linear,
     kernel_line,
     note_eager_int8,
@@ -91,12 +94,28 @@ def _dequantized_copy(quant, model):
     return ref
 
 
-@pytest.mark.parametrize(("preset", "backend"), [("llama2_tiny", "cpu"), ("llama3_2_tiny", "cpu"),
-                                                ("llama3_2_tiny", "inductor")])
-def test_int8_greedy_equals_transformers_on_dequantized_weights(preset, backend, caplog):
+@pytest.fixture
+def int8_form(request, monkeypatch):
+    """Force a compiled int8 reduction form (``MODELZOO_INT8_KERNEL``); graphs traced with the other
+    form are dropped before and after."""
+    form = getattr(request, "param", "auto")
+    monkeypatch.setenv("MODELZOO_INT8_KERNEL", form)
+    _int8_kernel.cache_clear()
+    torch._dynamo.reset()
+    yield form
+    _int8_kernel.cache_clear()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("preset", "backend", "int8_form"),
+                         [("llama2_tiny", "cpu", "auto"), ("llama3_2_tiny", "cpu", "auto"),
+                          ("llama3_2_tiny", "inductor", "int8"), ("llama3_2_tiny", "inductor", "int32x4")],
+                         indirect=["int8_form"])
+def test_int8_greedy_equals_transformers_on_dequantized_weights(preset, backend, int8_form, caplog):
     """Eager (one-row int8 kernel while a single row decodes, dequantized products for wider steps)
-    and compiled (int8 reductions for decode, dequantized GEMMs for prefill) int8 generation both equal
-    ``transformers`` on the dequantized weights, token for token; eager int8 says once that it is slow."""
+    and compiled (int8 decode reductions in either form, forced here whatever the CPU would choose;
+    dequantized GEMMs for prefill) int8 generation equal ``transformers`` on the dequantized weights,
+    token for token; eager int8 says once that it is slow."""
     model = stock_model(preset)
     quant = copy.deepcopy(model)
     quantize_for_generation_(quant)
@@ -142,8 +161,10 @@ def test_prequantized_dir_loads_exactly(tmp_path, preset, with_embedding):
     assert load_prequantized(tmp_path, dtype="bfloat16").model.norm.weight.dtype == torch.bfloat16
 
 
-def test_compiled_kernels_equal_eager():
-    """The reduction-form kernels inductor compiles for decode steps (fp32 and int8)."""
+@pytest.mark.parametrize("int8_form", INT8_KERNELS, indirect=True)
+def test_compiled_kernels_equal_eager(int8_form):
+    """The reduction-form kernels inductor compiles for decode steps (fp32, and int8 in each form)."""
+    assert int8_kernel() == int8_form
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 1, 96, generator=gen), torch.randn(40, 96, generator=gen)
     q, scale = torch.randint(-127, 128, (40, 96), generator=gen, dtype=torch.int8), torch.rand(40) / 100
@@ -169,5 +190,5 @@ def test_kernel_report_names_the_cpu_and_the_paths():
     quant = copy.deepcopy(model)
     quantize_for_generation_(quant)
     assert kernel_line(quant, compiled=False).startswith("eager: 1 row torch._weight_int8pack_mm")
-    assert "int8 converted in registers" in kernel_line(quant, compiled=True)
+    assert f"int8 read as {int8_kernel()}, converted in registers" in kernel_line(quant, compiled=True)
     assert "int8" not in kernel_line(model, compiled=True) and kernel_line(model, compiled=False).startswith("eager")

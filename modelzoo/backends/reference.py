@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -24,6 +26,29 @@ class CpuBackend(Backend):
         return model.to(self.device())
 
 
+def isa_keyed_cache_dir() -> str | None:
+    """With ``ATEN_CPU_CAPABILITY`` set, point inductor's on-disk cache at a directory of its own
+    (``<default>_<capability>``) unless ``TORCHINDUCTOR_CACHE_DIR`` names another one; returns it.
+
+    Inductor's cache does not keep kernels compiled for one vector instruction set apart from
+    another's: after a run with the CPU's own (AVX-512), a run with ``ATEN_CPU_CAPABILITY=avx2``
+    loaded the cached kernels and generated wrong tokens (none equal to ``transformers``'), which a
+    fresh cache does not.
+    """
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not capability:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a private module: without it, leave the cache as torch sets it
+        return None
+    default = os.path.abspath(default_cache_dir())
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}_{capability}"
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 class InductorBackend(Backend):
     """``torch.compile`` with the inductor compiler: the stand-in for the accelerator's graph
     compiler. Shapes are static (``dynamic=False``) as on the accelerator; runs on CUDA when
@@ -44,12 +69,14 @@ class InductorBackend(Backend):
 
     def compile(self, model: nn.Module, plan=None) -> nn.Module:
         model = model.to(self.device())
+        isa_keyed_cache_dir()
         return torch.compile(
             model, backend="inductor", dynamic=False,
             mode=self.options.get("mode"), fullgraph=self.options.get("fullgraph", False),
         )
 
     def compile_block(self, module: nn.Module) -> None:
+        isa_keyed_cache_dir()
         module.compile(backend="inductor", dynamic=False, mode=self.options.get("mode"),
                        fullgraph=self.options.get("fullgraph", False))
 

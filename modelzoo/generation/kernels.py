@@ -14,7 +14,10 @@ seconds than ``F.linear`` fp32; ``torch._weight_int8pack_mm`` about 2 GB/s here.
 
 Per instruction set (llama_60m, batch 1, compiled, 2 cores of an AMD EPYC with AVX-512 + VNNI, ms
 per decode step): AVX-512 code fp32 8.1, int8 2.65 (3.0x); AVX2 code (``ATEN_CPU_CAPABILITY=avx2``)
-fp32 8.7, int8 4.2 (2.1x). Eager int8 (``_weight_int8pack_mm`` / dequantize per call) is slower than
+fp32 8.7, int8 4.2 (2.1x); ``benchmarks/bench_generation.py`` on the same machine, 256 tokens:
+AVX-512 batch 1 fp32 6.2 ms/step (84% of the copy-bandwidth roofline), int8 2.75 ms (48%, 2.3x),
+batch 8 fp32 17.1 ms (31%: the weights are read once per step, but the step also reads the rows'
+keys/values and runs 8x the arithmetic); AVX2 batch 1 fp32 6.1 ms, int8 3.7 ms (1.6x). Eager int8 (``_weight_int8pack_mm`` / dequantize per call) is slower than
 eager fp32 (34 vs 64 tok/s at batch 1), hence :func:`note_eager_int8`. :func:`cpu_line` and
 :func:`kernel_line` say what ran.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -100,7 +104,7 @@ def kernel_line(model: nn.Module, compiled: bool) -> str:
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     if compiled:
         return (f"compiled {vector_isa()}: up to {SMALL_ROWS} rows as fused reductions "
-                f"({'int8 converted in registers' if int8 else 'fp32'}), more rows as GEMMs"
+                f"({f'int8 read as {int8_kernel()}, converted in registers' if int8 else 'fp32'}), more rows as GEMMs"
                 + (" of the dequantized weight" if int8 else ""))
     if int8:
         return "eager: 1 row torch._weight_int8pack_mm, more rows F.linear of the dequantized weight"
@@ -156,6 +160,48 @@ def _reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+#: How a compiled small-row int8 product reads its weight: ``"int8"`` (one int8 element at a time,
+#: converted in registers) or ``"int32x4"`` (the int8 matrix viewed as int32 words, each word's four
+#: bytes unpacked by shifts). Inductor vectorizes the int8 -> float conversion with AVX-512 but not
+#: with AVX2, where the int8 loop ran scalar (1.8 GB/s on a 1536 x 512 x 8 matrix, 2 cores) and the
+#: word form runs at 26 GB/s (AVX-512: int8 32 GB/s, words 24 GB/s). ``auto``: ``int8`` when compiled
+#: kernels use AVX-512, else ``int32x4``. Set ``MODELZOO_INT8_KERNEL`` to force one.
+INT8_KERNELS = ("int8", "int32x4")
+
+
+@torch.compiler.assume_constant_result  # traced code takes the answer as a constant
+def int8_kernel() -> str:
+    """The int8 reduction form compiled decode steps use on this CPU (see :data:`INT8_KERNELS`)."""
+    return _int8_kernel()
+
+
+@functools.cache
+def _int8_kernel() -> str:
+    forced = os.environ.get("MODELZOO_INT8_KERNEL", "auto")
+    if forced in INT8_KERNELS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"MODELZOO_INT8_KERNEL={forced!r}: choose one of auto, {', '.join(INT8_KERNELS)}")
+    return "int8" if vector_isa().startswith("avx512") or sys.byteorder != "little" else "int32x4"
+
+
+def _int32x4_reduction_linear(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] @ q[N, K].T`` for int8 ``q`` read as int32 words ``[N, K/4]`` (little-endian:
+    byte ``b`` of word ``k`` is column ``4k + b``; a left shift then an arithmetic right shift by 24
+    sign-extends it). One fused loop per input row reads each word once; the four products are summed
+    per word, then over the words."""
+    words = q.view(torch.int32)
+    outs = []
+    for row in realized(x.reshape(-1, x.shape[-1])).unbind(0):
+        columns = realized(row.view(-1, 4).T.contiguous())  # [4, K/4]: column 4k + b at [b, k]
+        total = None
+        for b in range(4):
+            term = torch.bitwise_right_shift(torch.bitwise_left_shift(words, 24 - 8 * b), 24).to(x.dtype) * columns[b]
+            total = term if total is None else total + term
+        outs.append(total.sum(-1, dtype=x.dtype))
+    return torch.stack(outs).reshape(*x.shape[:-1], q.shape[0])
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compiled: bool) -> torch.Tensor:
     """``x [..., K] @ weight[N, K].T (+ bias)`` with the fastest kernel for the mode and shape."""
     if compiled:
@@ -178,7 +224,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     """
     scale = scale.to(x.dtype)
     if compiled and _rows(x) <= SMALL_ROWS:
-        out = _reduction_linear(x, q) * scale
+        if int8_kernel() == "int32x4" and q.shape[-1] % 4 == 0 and q.is_contiguous():
+            out = _int32x4_reduction_linear(x, q) * scale
+        else:
+            out = _reduction_linear(x, q) * scale
     elif not compiled and _rows(x) == 1 and x.device.type == "cpu":
         out = torch._weight_int8pack_mm(x.reshape(1, -1), q, scale).reshape(*x.shape[:-1], -1)
     else:
