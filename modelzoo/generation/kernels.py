@@ -12,14 +12,14 @@ decode fast. (Measured on llama_60m's 33 matrices, 2 cores: fp32 batch 1 ``F.lin
 oneDNN 20-22 GB/s, compiled reduction 23-25 GB/s; int8 compiled 15-17 GB/s of int8 = 6x fewer
 seconds than ``F.linear`` fp32; ``torch._weight_int8pack_mm`` about 2 GB/s here.)
 
-Per instruction set (llama_60m, batch 1, compiled, 2 cores of an AMD EPYC with AVX-512 + VNNI, ms
-per decode step): AVX-512 code fp32 8.1, int8 2.65 (3.0x); AVX2 code (``ATEN_CPU_CAPABILITY=avx2``)
-fp32 8.7, int8 4.2 (2.1x); ``benchmarks/bench_generation.py`` on the same machine, 256 tokens:
-AVX-512 batch 1 fp32 6.2 ms/step (84% of the copy-bandwidth roofline), int8 2.75 ms (48%, 2.3x),
-batch 8 fp32 17.1 ms (31%: the weights are read once per step, but the step also reads the rows'
-keys/values and runs 8x the arithmetic); AVX2 batch 1 fp32 6.1 ms, int8 3.7 ms (1.6x). Eager int8 (``_weight_int8pack_mm`` / dequantize per call) is slower than
-eager fp32 (34 vs 64 tok/s at batch 1), hence :func:`note_eager_int8`. :func:`cpu_line` and
-:func:`kernel_line` say what ran.
+Per instruction set (``benchmarks/bench_generation.py``, llama_60m, 256 tokens, 2 cores of an AMD
+EPYC with AVX-512 + VNNI; AVX2 forced with ``ATEN_CPU_CAPABILITY=avx2``; ms per decode step, % of the
+copy-bandwidth roofline): AVX-512 batch 1 fp32 6.2 (84%), int8 2.75 (48%, 2.3x fp32); batch 8 fp32
+17.1 (31%: besides the weights, read once, the step reads the rows' keys/values and does 8x the
+arithmetic). AVX2 batch 1 fp32 6.9 (75%), int8 3.3 (40%, 2.1x; 25.5 ms before the ``int32x4`` form,
+:data:`INT8_KERNELS`), batch 8 fp32 16.8. Eager int8 (``_weight_int8pack_mm`` / dequantize per call)
+is slower than eager fp32 (45 vs 83 tok/s at batch 1), hence :func:`note_eager_int8`.
+:func:`cpu_line` and :func:`kernel_line` say what ran.
 
 Every path computes ``x @ W.T (* scale) (+ bias)``; they differ only in summation order (fp32
 rounding), which the greedy-parity tests against ``transformers`` cover.
