@@ -386,7 +386,7 @@ class SlotEngine:
             return 0
         if self.has_work():
             raise RuntimeError("warm up the engine before submitting requests")
-        scratch = self.cache.scratch
+        scratch = self.cache.scratch  # attending to 2 slots: the length is dynamic, one graph serves all
         widths, buckets = self.warmup_shapes()
         for width in widths:
             self._forward([[0]] * width, [[scratch]] * width, None, 2)
