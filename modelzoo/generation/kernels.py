@@ -99,9 +99,14 @@ def cpu_line() -> str:
             f"aten: {torch.backends.cpu.get_cpu_capability().lower()}{forced}")
 
 
+def has_int8_linears(model: nn.Module) -> bool:
+    """Whether ``model`` holds :class:`Int8Linear` layers (int8 weight-only)."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def kernel_line(model: nn.Module, compiled: bool) -> str:
     """Which linear kernels a decode step of ``model`` runs (for benchmarks and notes)."""
-    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    int8 = has_int8_linears(model)
     if compiled:
         return (f"compiled {vector_isa()}: up to {SMALL_ROWS} rows as fused reductions "
                 f"({f'int8 read as {int8_kernel()}, converted in registers' if int8 else 'fp32'}), more rows as GEMMs"
@@ -155,9 +160,15 @@ def _reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     inductor vectorizes along the short M axis and forks threads inside the loop over N: 50x slower
     at M = 8.)
     """
+    return _per_row(x, weight.shape[0], lambda row: (weight * row).sum(-1, dtype=x.dtype))
+
+
+def _per_row(x: torch.Tensor, out_features: int, product) -> torch.Tensor:
+    """``product(row) -> [N]`` for each row of ``x [..., K]`` (stored first, :func:`realized`),
+    stacked to ``[..., N]``."""
     rows = realized(x.reshape(-1, x.shape[-1]))
-    out = torch.stack([(weight * row).sum(-1, dtype=x.dtype) for row in rows.unbind(0)])  # [M, N]
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    out = torch.stack([product(row) for row in rows.unbind(0)])  # [M, N]
+    return out.reshape(*x.shape[:-1], out_features)
 
 
 #: How a compiled small-row int8 product reads its weight: ``"int8"`` (one int8 element at a time,
@@ -191,15 +202,16 @@ def _int32x4_reduction_linear(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     sign-extends it). One fused loop per input row reads each word once; the four products are summed
     per word, then over the words."""
     words = q.view(torch.int32)
-    outs = []
-    for row in realized(x.reshape(-1, x.shape[-1])).unbind(0):
+
+    def product(row: torch.Tensor) -> torch.Tensor:
         columns = realized(row.view(-1, 4).T.contiguous())  # [4, K/4]: column 4k + b at [b, k]
         total = None
         for b in range(4):
             term = torch.bitwise_right_shift(torch.bitwise_left_shift(words, 24 - 8 * b), 24).to(x.dtype) * columns[b]
             total = term if total is None else total + term
-        outs.append(total.sum(-1, dtype=x.dtype))
-    return torch.stack(outs).reshape(*x.shape[:-1], q.shape[0])
+        return total.sum(-1, dtype=x.dtype)
+
+    return _per_row(x, q.shape[0], product)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compiled: bool) -> torch.Tensor:

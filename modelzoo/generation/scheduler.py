@@ -50,10 +50,9 @@ import torch.distributed as dist
 from transformers import LlamaForCausalLM
 
 from modelzoo.backends import Backend, get_backend
-from modelzoo.checkpoint.int8 import Int8Linear
 
 from .decoder import LlamaDecoder
-from .kernels import note_eager_int8
+from .kernels import has_int8_linears, note_eager_int8
 from .sampling import SamplingParams, choose_next, row_generators
 from .stopping import SequenceState, StopChecker
 
@@ -244,7 +243,7 @@ class SlotEngine:
 
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if (not self.decoder.compiled and self.decoder.device.type == "cpu"
-                and any(isinstance(m, Int8Linear) for m in model.modules())):
+                and has_int8_linears(model)):
             note_eager_int8()
         self.model, self.tokenizer = model, tokenizer
         self.context = int(model.config.max_position_embeddings)

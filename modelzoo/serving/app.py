@@ -175,7 +175,7 @@ class Submission:
                 self.cancel("timeout")
                 raise APIError(504, f"the request did not finish within {self.server.settings.request_timeout:g} s "
                                     "(the server's --request-timeout)", type="timeout", code="timeout")
-            if not self.queue.empty():  # no timer when the event is already here (the common case)
+            if not self.queue.empty():  # an event already queued (several arrived together): no timer
                 item = self.queue.get_nowait()
             else:
                 try:
